@@ -1,0 +1,3 @@
+from adaptopt.cli import main
+
+main()

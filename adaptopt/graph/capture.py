@@ -1,0 +1,136 @@
+"""Reference inputs and one reference run that records boundary tensors.
+
+Every subgraph is profiled and validated on the activations the real model produces
+there, never on random data in the middle of a network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from adaptopt.config import Config, InputSpec, TargetConfig
+from adaptopt.errors import InputError
+from adaptopt.runtime import make_session, ort_error_line, ort_errors, run
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init_names = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init_names]
+
+
+def make_inputs(model: onnx.ModelProto, config: Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input, from the config's ``inputs``/``inputs_file``."""
+    if config.inputs_file:
+        return _load_npz(model, Path(config.inputs_file))
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model_inputs(model):
+        spec = config.inputs.get(vi.name, InputSpec())
+        shape = spec.shape if spec.shape is not None else static_shape(vi)
+        if shape is None:
+            dims = _dims_text(vi)
+            raise InputError(f"input '{vi.name}' has dynamic dims {dims}: give its shape in the config's "
+                             f"inputs: or with --input-shape {vi.name}=" + "x".join(
+                                 str(d) if isinstance(d, int) else "N" for d in _dims(vi)))
+        dtype = np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
+        feeds[vi.name] = fill(rng, tuple(shape), dtype, spec)
+    return feeds
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list:
+    if not vi.type.tensor_type.HasField("shape"):
+        return ["?"]
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or "?")
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def _dims_text(vi: onnx.ValueInfoProto) -> str:
+    return "[" + ", ".join(str(d) for d in _dims(vi)) + "]"
+
+
+def static_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = vi.type.tensor_type.shape.dim
+    if any(not d.HasField("dim_value") or d.dim_value < 0 for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)
+
+
+def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    if not vi.type.HasField("tensor_type"):
+        raise InputError(f"input '{vi.name}' is not a tensor; adaptopt can only feed tensor inputs")
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"input '{vi.name}' has an element type adaptopt cannot generate") from None
+
+
+def fill(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, spec: InputSpec) -> np.ndarray:
+    if spec.values == "ones":
+        return np.ones(shape, dtype)
+    if spec.values == "zeros":
+        return np.zeros(shape, dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    integer = np.issubdtype(dtype, np.integer)
+    if spec.values == "range":
+        lo, hi = spec.value_range
+        if integer:
+            return rng.integers(int(lo), int(hi), shape).astype(dtype)
+        return rng.uniform(lo, hi, shape).astype(dtype)
+    if spec.values == "normal":
+        return rng.standard_normal(shape).astype(dtype)
+    if integer:  # uniform01 for an integer input would be all zeros: use small ids instead
+        return rng.integers(0, 2, shape).astype(dtype)
+    return rng.random(shape).astype(dtype)
+
+
+def _load_npz(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise InputError(f"inputs_file {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise InputError(f"inputs_file {path}: not a readable .npz ({exc})") from None
+    missing = [vi.name for vi in model_inputs(model) if vi.name not in feeds]
+    if missing:
+        raise InputError(f"inputs_file {path}: no array for input(s) {', '.join(missing)}")
+    return feeds
+
+
+def capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: Iterable[str],
+            target: TargetConfig | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` once and return the graph outputs and the named intermediate tensors."""
+    target = target or TargetConfig()
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    wanted = [t for t in dict.fromkeys(tensors) if t not in present and t not in feeds]
+    init_names = {i.name for i in probe.graph.initializer}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in init_names)
+    try:
+        session = make_session(probe, target, level="disable")
+        values = run(session, feeds)
+    except ort_errors() as exc:
+        raise InputError(f"reference run failed: {ort_error_line(exc)}") from None
+    values.update({k: v for k, v in feeds.items()})
+    for name in wanted:
+        if name in init_names:
+            values[name] = onnx.numpy_helper.to_array(next(i for i in probe.graph.initializer if i.name == name))
+    return values
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                      target: TargetConfig | None = None, level: str = "disable") -> dict[str, np.ndarray]:
+    """The model's own outputs on ``feeds``."""
+    try:
+        return run(make_session(model, target or TargetConfig(), level=level), feeds)
+    except ort_errors() as exc:
+        raise InputError(f"onnxruntime cannot run the model: {ort_error_line(exc)}") from None

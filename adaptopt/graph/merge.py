@@ -1,0 +1,224 @@
+"""Reassemble one model from leaf subgraphs.
+
+The skeleton (the original model, or the root file of a split) gives the graph's
+inputs, outputs, name and metadata; the leaves, in topological order, give the nodes.
+Initializers are deduplicated by name and content; names internal to a leaf (not on
+its boundary) that collide with another leaf's are renamed, so a leaf rewritten by a
+pass can introduce any names it likes. Opset imports and custom domains are unioned;
+the default-domain opset must agree, because raising it would change the meaning of
+ops in the other leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper
+
+from adaptopt.errors import InputError
+from adaptopt.graph.index import has_type
+from adaptopt.graph.io import check_external_data, check_model, uses_external_data
+from adaptopt.graph.subgraph import MANIFEST_FORMAT
+
+
+def merge_models(skeleton: onnx.ModelProto, leaves: Sequence[onnx.ModelProto]) -> onnx.ModelProto:
+    graph_inputs = [i.name for i in skeleton.graph.input]
+    taken: set[str] = set(graph_inputs)
+    nodes: list[onnx.NodeProto] = []
+    node_names: set[str] = set()
+    initializers: dict[str, onnx.TensorProto] = {}
+    value_info: dict[str, onnx.ValueInfoProto] = {}
+    opsets: dict[str, int] = {}
+    functions: dict[tuple[str, str], onnx.FunctionProto] = {(f.domain, f.name): f for f in skeleton.functions}
+    _union_opsets(opsets, skeleton, "the original model")
+    for i, leaf in enumerate(leaves):
+        g = leaf.graph
+        boundary = {t.name for t in g.input} | {t.name for t in g.output}
+        renames = _internal_renames(g, boundary, taken, initializers, f"l{i}")
+        for tensor in g.initializer:
+            name = renames.get(tensor.name, tensor.name)
+            if name not in initializers:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                copy.name = name
+                initializers[name] = copy
+        for node in g.node:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            _rename_node_io(new, renames)
+            new.name = _unique(new.name or new.op_type, node_names)
+            node_names.add(new.name)
+            nodes.append(new)
+            taken.update(o for o in new.output if o)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            name = renames.get(vi.name, vi.name)
+            if name not in value_info and name not in initializers and has_type(vi):
+                copy = onnx.ValueInfoProto()
+                copy.CopyFrom(vi)
+                copy.name = name
+                value_info[name] = copy
+        _union_opsets(opsets, leaf, f"leaf {i}")
+        for f in leaf.functions:
+            functions.setdefault((f.domain, f.name), f)
+    io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
+    skeleton_inits = [t for t in skeleton.graph.initializer if t.name not in initializers]
+    graph = helper.make_graph(
+        nodes, skeleton.graph.name, list(skeleton.graph.input), list(skeleton.graph.output),
+        initializer=list(initializers.values()) + skeleton_inits,
+        value_info=[v for n, v in value_info.items() if n not in io_names],
+        doc_string=skeleton.graph.doc_string)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())])
+    model.ir_version = max([skeleton.ir_version] + [leaf.ir_version for leaf in leaves])
+    for field_name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field_name, getattr(skeleton, field_name))
+    model.metadata_props.extend(skeleton.metadata_props)
+    model.functions.extend(functions.values())
+    _keep_used_initializers(model)
+    return model
+
+
+def _union_opsets(opsets: dict[str, int], model: onnx.ModelProto, what: str) -> None:
+    for op in model.opset_import:
+        domain = "" if op.domain == "ai.onnx" else op.domain
+        if domain == "" and "" in opsets and opsets[""] != op.version:
+            raise InputError(f"{what} imports default opset {op.version} but the model uses {opsets['']}; "
+                             "leaves must keep the model's opset")
+        opsets[domain] = max(opsets.get(domain, 0), op.version)
+
+
+def _internal_renames(g: onnx.GraphProto, boundary: set[str], taken: set[str],
+                      initializers: dict[str, onnx.TensorProto], tag: str) -> dict[str, str]:
+    renames: dict[str, str] = {}
+    produced = [o for n in g.node for o in n.output if o and o not in boundary]
+    for name in produced:
+        if name in taken or name in initializers:
+            renames[name] = _unique(f"{name}__{tag}", taken | set(initializers))
+            taken.add(renames[name])
+    for tensor in g.initializer:
+        other = initializers.get(tensor.name)
+        if tensor.name in boundary:
+            continue
+        if (other is not None and not _same_tensor(other, tensor)) or tensor.name in taken:
+            renames[tensor.name] = _unique(f"{tensor.name}__{tag}", taken | set(initializers))
+    return renames
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
+        return False
+    strip_a, strip_b = onnx.TensorProto(), onnx.TensorProto()
+    strip_a.CopyFrom(a)
+    strip_b.CopyFrom(b)
+    strip_a.name = strip_b.name = ""
+    return strip_a.SerializeToString() == strip_b.SerializeToString()
+
+
+def _rename_node_io(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    if not renames:
+        return
+    for i, name in enumerate(node.input):
+        if name in renames:
+            node.input[i] = renames[name]
+    for i, name in enumerate(node.output):
+        if name in renames:
+            node.output[i] = renames[name]
+    _rename_in_bodies(node, renames)
+
+
+def _rename_in_bodies(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """Outer-scope reads inside control-flow bodies follow the renames too."""
+    work = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    work += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    while work:
+        body = work.pop()
+        local = {i.name for i in body.input} | {i.name for i in body.initializer} | \
+                {o for n in body.node for o in n.output}
+        for inner in body.node:
+            for i, name in enumerate(inner.input):
+                if name in renames and name not in local:
+                    inner.input[i] = renames[name]
+            work += [a.g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPH]
+            work += [g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def _keep_used_initializers(model: onnx.ModelProto) -> None:
+    from adaptopt.graph.index import subgraph_outer_inputs
+    used = {n for node in model.graph.node for n in list(node.input) + subgraph_outer_inputs(node)}
+    used |= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+
+
+# ---------------------------------------------------------------- from a split folder
+def load_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{directory}: no manifest.json (not a folder written by 'adaptopt split')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: not an adaptopt split manifest (format '{MANIFEST_FORMAT}' expected)")
+    for key in ("root", "leaves", "nodes"):
+        if key not in manifest:
+            raise InputError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+def merge_directory(directory: str | Path) -> onnx.ModelProto:
+    """Rebuild a model from the leaves named in ``DIR/manifest.json``."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    files = {n["id"]: n["file"] for n in manifest["nodes"]}
+    expected = {n["id"]: n for n in manifest["nodes"]}
+    missing = [sid for sid in [manifest["root"], *manifest["leaves"]] if sid not in files]
+    if missing:
+        raise InputError(f"{directory}/manifest.json: tree node(s) {missing} have no entry")
+    skeleton = _load_file(directory, files[manifest["root"]], load_weights=False)
+    leaves = []
+    for sid in manifest["leaves"]:
+        leaf = _load_file(directory, files[sid], load_weights=True)
+        _check_leaf_boundary(leaf, expected[sid], sid)
+        leaves.append(leaf)
+    model = merge_models(skeleton, leaves)
+    check_model(model, f"merged model from {directory}")
+    return model
+
+
+def _load_file(directory: Path, name: str, load_weights: bool) -> onnx.ModelProto:
+    path = directory / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+        raise InputError(f"{directory}: subgraph file '{name}' named in the manifest is missing or outside the folder")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as exc:
+        raise InputError(f"{path}: cannot read subgraph ({str(exc).strip()[:200] or type(exc).__name__})") from None
+    if load_weights and uses_external_data(model):
+        check_external_data(model, directory, str(path))
+        onnx.external_data_helper.load_external_data_for_model(model, str(directory))
+    return model
+
+
+def _check_leaf_boundary(leaf: onnx.ModelProto, entry: dict, sid: str) -> None:
+    ins = {i.name for i in leaf.graph.input} - {t.name for t in leaf.graph.initializer}
+    outs = {o.name for o in leaf.graph.output}
+    if ins != set(entry["boundary_inputs"]) or outs != set(entry["boundary_outputs"]):
+        raise InputError(f"leaf {sid} ({entry['file']}): its inputs/outputs no longer match the manifest's "
+                         "boundary; a rewritten leaf must keep its boundary names")

@@ -1,0 +1,201 @@
+"""Standalone subgraph models: a tree node's nodes with its boundary as graph I/O.
+
+Weights are materialised on demand: ``extract`` copies only the initializers the
+subgraph uses (in memory, for one session), and ``write_tree`` writes every weight
+once into a shared ``weights.bin`` that each subgraph file points into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+import onnx
+from onnx import TensorProto, helper
+
+from adaptopt.errors import InputError
+from adaptopt.graph.index import GraphIndex, has_type
+from adaptopt.graph.io import EXTERNAL_THRESHOLD, _raw_bytes, _set_external, atomic_path
+from adaptopt.graph.partition import PartitionTree, Subgraph
+
+MANIFEST_FORMAT = "adaptopt-split"
+MANIFEST_VERSION = 1
+
+
+def _value_info(index: GraphIndex, name: str) -> onnx.ValueInfoProto:
+    vi = index.value_info.get(name)
+    if vi is None or not has_type(vi):
+        raise InputError(f"tensor '{name}' has no known type; shape inference could not type it")
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    return out
+
+
+def extract_range(index: GraphIndex, start: int, stop: int, name: str = "subgraph",
+                  weight_refs: dict[str, tuple[str, int, int]] | None = None) -> onnx.ModelProto:
+    """A standalone model of nodes [start, stop).
+
+    ``weight_refs`` maps initializer names to (file, offset, length) in a shared weights
+    file; those initializers are written as external references instead of copied.
+    """
+    inputs, outputs, inits = index.boundary(start, stop)
+    nodes = [index.nodes[i] for i in range(start, stop)]
+    initializers = []
+    for init_name in inits:
+        tensor = TensorProto()
+        ref = weight_refs.get(init_name) if weight_refs else None
+        if ref is None:
+            tensor.CopyFrom(index.initializers[init_name])
+        else:
+            src = index.initializers[init_name]
+            tensor.name, tensor.data_type = src.name, src.data_type
+            tensor.dims.extend(src.dims)
+            _set_external(tensor, *ref)
+        initializers.append(tensor)
+    produced = {o for n in nodes for o in n.output if o}
+    internal_vi = [index.value_info[t] for t in sorted(produced - set(outputs)) if t in index.value_info
+                   and has_type(index.value_info[t])]
+    graph = helper.make_graph(nodes, name, [_value_info(index, n) for n in inputs],
+                              [_value_info(index, n) for n in outputs], initializer=initializers,
+                              value_info=internal_vi)
+    src = index.model
+    model = helper.make_model(graph, opset_imports=list(src.opset_import), ir_version=src.ir_version,
+                              producer_name="adaptopt")
+    model.functions.extend(src.functions)
+    return model
+
+
+def extract(index: GraphIndex, sub: Subgraph) -> onnx.ModelProto:
+    return extract_range(index, sub.start, sub.stop, name=f"sg_{sub.id}")
+
+
+def fill_missing_types(index: GraphIndex, names: Iterable[str], feeds: Mapping[str, np.ndarray] | None = None) -> None:
+    """Type boundary tensors that ONNX shape inference could not (custom ops, ...).
+
+    ONNX Runtime types every output of a session it can build, so the missing
+    tensors are added as untyped graph outputs of a copy and read back from ORT.
+    ORT reports an unknown rank as ``[]``; those ranks are learnt from one run on
+    ``feeds`` (the values themselves are not kept).
+    """
+    missing = index.missing_types(list(dict.fromkeys(names)))
+    if not missing:
+        return
+    from adaptopt.config import TargetConfig
+    from adaptopt.runtime import make_session, ort_error_line, ort_errors, run
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(index.model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in missing)
+    try:
+        session = make_session(probe, TargetConfig(), level="disable")
+        unranked = [o.name for o in session.get_outputs() if o.name in missing and not o.shape]
+        values = run(session, feeds, unranked) if unranked and feeds is not None else {}
+    except ort_errors() as exc:
+        raise InputError(f"cannot type tensors {missing[:3]}: onnxruntime cannot run the model "
+                         f"({ort_error_line(exc)})") from None
+    for out in session.get_outputs():
+        if out.name not in missing:
+            continue
+        shape = out.shape
+        if not shape:
+            if out.name not in values:
+                raise InputError(f"the rank of tensor '{out.name}' is unknown until the model runs: give the "
+                                 "input shapes (config inputs: or --input-shape) so adaptopt can run it once")
+            shape = [None] * values[out.name].ndim
+        index.value_info[out.name] = _ort_value_info(out.name, out.type, shape)
+
+
+_ORT_TYPES = {
+    "tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16, "tensor(double)": TensorProto.DOUBLE,
+    "tensor(bfloat16)": TensorProto.BFLOAT16, "tensor(int64)": TensorProto.INT64, "tensor(int32)": TensorProto.INT32,
+    "tensor(int16)": TensorProto.INT16, "tensor(int8)": TensorProto.INT8, "tensor(uint8)": TensorProto.UINT8,
+    "tensor(uint16)": TensorProto.UINT16, "tensor(uint32)": TensorProto.UINT32, "tensor(uint64)": TensorProto.UINT64,
+    "tensor(bool)": TensorProto.BOOL, "tensor(string)": TensorProto.STRING,
+}
+
+
+def _ort_value_info(name: str, ort_type: str, shape) -> onnx.ValueInfoProto:
+    if ort_type not in _ORT_TYPES:
+        raise InputError(f"tensor '{name}' has type {ort_type}, which adaptopt cannot place on a subgraph boundary")
+    dims = None if shape is None else [d if isinstance(d, int) else (d or None) for d in shape]
+    return helper.make_tensor_value_info(name, _ORT_TYPES[ort_type], dims)
+
+
+# ---------------------------------------------------------------- writing a tree
+def write_weights(index: GraphIndex, directory: Path, file_name: str = "weights.bin") -> dict[str, tuple[str, int, int]]:
+    """Write every large initializer once; return name -> (file, offset, length)."""
+    refs: dict[str, tuple[str, int, int]] = {}
+    with atomic_path(directory / file_name) as tmp, open(tmp, "wb") as fh:
+        for name, tensor in index.initializers.items():
+            raw = _raw_bytes(tensor)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            offset = fh.tell()
+            fh.write(raw)
+            fh.write(b"\0" * ((-fh.tell()) % 4096))
+            refs[name] = (file_name, offset, len(raw))
+    return refs
+
+
+def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
+               feeds: Mapping[str, np.ndarray] | None = None) -> dict:
+    """Write one ONNX file per tree node plus ``manifest.json``; return the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = tree.index
+    fill_missing_types(index, [n for s in tree.nodes.values() for n in s.boundary_inputs + s.boundary_outputs], feeds)
+    refs = write_weights(index, directory)
+    entries = []
+    for sub in sorted(tree.nodes.values(), key=lambda s: (s.depth, s.start)):
+        file_name = f"sg_{sub.id}.onnx"
+        model = extract_range(index, sub.start, sub.stop, name=f"sg_{sub.id}", weight_refs=refs)
+        if sub.id == tree.root:
+            _keep_original_signature(model, index.model)
+        with atomic_path(directory / file_name) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+        entries.append(manifest_entry(sub, file_name))
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source, "root": tree.root,
+        "weights": "weights.bin", "node_count": len(index),
+        "leaves": [s.id for s in tree.leaves()], "nodes": entries,
+    }
+    with atomic_path(directory / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def manifest_entry(sub: Subgraph, file_name: str) -> dict:
+    return {
+        "id": sub.id, "parent": sub.parent, "children": list(sub.children), "depth": sub.depth,
+        "node_count": sub.node_count, "node_names": list(sub.node_names),
+        "boundary_inputs": list(sub.boundary_inputs), "boundary_outputs": list(sub.boundary_outputs),
+        "file": file_name, "content_hash": sub.content_hash,
+    }
+
+
+def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The root file is the whole model: keep its exact inputs, outputs and metadata."""
+    init_names = {i.name for i in original.graph.initializer}
+    del model.graph.input[:]
+    model.graph.input.extend(i for i in original.graph.input if i.name not in init_names)
+    del model.graph.output[:]
+    model.graph.output.extend(original.graph.output)
+    model.graph.name = original.graph.name
+    model.graph.doc_string = original.graph.doc_string
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    model.domain, model.model_version, model.doc_string = original.domain, original.model_version, original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+

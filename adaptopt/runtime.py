@@ -1,0 +1,110 @@
+"""ONNX Runtime sessions, made one way for every stage.
+
+All sessions of a process share one global intra-op thread pool
+(``use_per_session_threads = False``): interleaved sessions with their own pools
+slow each other down through spinning workers, which would poison every timing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from adaptopt.config import TargetConfig
+from adaptopt.errors import InputError
+
+_pool_lock = threading.Lock()
+_pool_threads: int | None = None
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def _ort():
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+def init_thread_pool(threads: int) -> int:
+    """Create the process-wide thread pool once; later calls keep the first size."""
+    global _pool_threads
+    with _pool_lock:
+        if _pool_threads is None:
+            from onnxruntime.capi import _pybind_state as C
+            intra = threads if threads > 0 else (os.cpu_count() or 1)
+            C.set_global_thread_pool_sizes(intra, 1)
+            _pool_threads = intra
+        return _pool_threads
+
+
+def resolve_providers(target: TargetConfig) -> list[str]:
+    """The configured EPs that this ONNX Runtime build has, in priority order."""
+    ort = _ort()
+    available = set(ort.get_available_providers())
+    wanted = list(target.execution_providers)
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing and not target.allow_cpu_fallback:
+        raise InputError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                         f"(available: {', '.join(sorted(available))}) and target.allow_cpu_fallback is false")
+    if "CPUExecutionProvider" not in chosen and target.allow_cpu_fallback:
+        chosen.append("CPUExecutionProvider")
+    if not chosen:
+        raise InputError("no configured execution provider is available")
+    return chosen
+
+
+def session_options(target: TargetConfig, level: str = "all", profile_prefix: str | None = None,
+                    extra: Mapping[str, str] | None = None):
+    ort = _ort()
+    init_thread_pool(target.threads)
+    so = ort.SessionOptions()
+    so.use_per_session_threads = False
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    for key, value in (extra or {}).items():
+        so.add_session_config_entry(key, value)
+    return so
+
+
+def make_session(model: onnx.ModelProto | bytes | str, target: TargetConfig, level: str = "all",
+                 profile_prefix: str | None = None, sess_options=None):
+    """An inference session for ``model`` (proto, serialized bytes or a path)."""
+    ort = _ort()
+    so = sess_options or session_options(target, level, profile_prefix)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, so, providers=resolve_providers(target))
+
+
+def run(session, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip(names, values))
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises for models or inputs it cannot handle."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as S
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "NoSuchFile", "NotImplemented", "RuntimeException",
+             "InvalidProtobuf", "EPFail", "NoModel", "ModelLoaded", "EngineError")
+    return tuple(getattr(S, n) for n in names if hasattr(S, n)) + (RuntimeError, ValueError)
+
+
+def ort_error_line(exc: BaseException) -> str:
+    """The informative first line of an ONNX Runtime error."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    for marker in ("] ", "Exception : "):
+        if marker in line and line.startswith("["):
+            line = line.split(marker, 1)[-1]
+    return line[:300]
