@@ -52,3 +52,12 @@ def merge(directory: str | Path, destination: str | Path | None = None) -> onnx.
     if destination is not None:
         save_model(model, destination)
     return model
+
+
+# ---------------------------------------------------------------- profile (issue 3)
+
+
+# ---------------------------------------------------------------- passes (issue 4)
+
+
+# ---------------------------------------------------------------- optimize (issue 5)

@@ -94,6 +94,15 @@ def merge(directory: str, output: str) -> None:
         click.echo(f"wrote {output}: {len(model.graph.node)} nodes", err=True)
 
 
+# ---------------------------------------------------------------- profile / hal (issue 3)
+
+
+# ---------------------------------------------------------------- passes (issue 4)
+
+
+# ---------------------------------------------------------------- optimize / policy (issue 5)
+
+
 def main() -> None:
     cli(prog_name="adaptopt")
 

@@ -7,6 +7,7 @@ slow each other down through spinning workers, which would poison every timing.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from typing import Mapping, Sequence
@@ -75,12 +76,47 @@ def session_options(target: TargetConfig, level: str = "all", profile_prefix: st
     return so
 
 
+ORT_CONFIG_KEY = "ort_config"
+# session options a model may carry in its ``ort_config`` metadata (ORT's own format:
+# {"session_options": {...}}); ORT reads it itself with ORT_LOAD_CONFIG_FROM_MODEL=1.
+_MODEL_OPTIONS = {"enable_mem_pattern": bool, "enable_mem_reuse": bool, "enable_cpu_mem_arena": bool,
+                  "execution_mode": str, "inter_op_num_threads": int}
+
+
+def model_session_config(model: onnx.ModelProto) -> dict:
+    """The ``session_options`` a model carries in its ``ort_config`` metadata, if any."""
+    for prop in model.metadata_props:
+        if prop.key == ORT_CONFIG_KEY:
+            try:
+                options = json.loads(prop.value).get("session_options", {})
+            except (json.JSONDecodeError, AttributeError):
+                raise InputError("the model's ort_config metadata is not valid JSON") from None
+            return {k: v for k, v in options.items() if k in _MODEL_OPTIONS}
+    return {}
+
+
+def apply_model_session_config(so, options: Mapping) -> None:
+    ort = _ort()
+    for key, value in options.items():
+        if key == "execution_mode":
+            so.execution_mode = getattr(ort.ExecutionMode, str(value))
+        elif key == "inter_op_num_threads":
+            continue  # the process-wide pool decides threads
+        else:
+            setattr(so, key, _MODEL_OPTIONS[key](value))
+
+
 def make_session(model: onnx.ModelProto | bytes | str, target: TargetConfig, level: str = "all",
                  profile_prefix: str | None = None, sess_options=None):
-    """An inference session for ``model`` (proto, serialized bytes or a path)."""
+    """An inference session for ``model`` (proto, serialized bytes or a path).
+
+    Session options carried in the model's ``ort_config`` metadata are applied, as
+    ORT does itself with ORT_LOAD_CONFIG_FROM_MODEL=1.
+    """
     ort = _ort()
     so = sess_options or session_options(target, level, profile_prefix)
     if isinstance(model, onnx.ModelProto):
+        apply_model_session_config(so, model_session_config(model))
         model = model.SerializeToString()
     return ort.InferenceSession(model, so, providers=resolve_providers(target))
 

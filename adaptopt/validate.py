@@ -1,0 +1,105 @@
+"""Numerical comparison of two runs: the one rule every rewrite is judged by.
+
+Exact mode: every output's max |a - b| relative to the output's scale (max |a|, at
+least 1) must be <= ``exact_tolerance``. Lossy mode (a budget > 0): every output's
+cosine similarity with the reference must be >= the budget. Non-finite values must
+match position for position in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    name: str
+    max_abs_diff: float
+    relative_diff: float
+    cosine: float
+    shape_ok: bool
+    finite_ok: bool
+
+
+@dataclass(frozen=True)
+class Validation:
+    ok: bool
+    mode: str  # "exact" | "budget"
+    threshold: float
+    max_abs_diff: float
+    max_relative_diff: float
+    min_cosine: float
+    reason: str = ""
+    outputs: tuple[OutputDiff, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "mode": self.mode, "threshold": self.threshold,
+                "max_abs_diff": self.max_abs_diff, "max_relative_diff": self.max_relative_diff,
+                "min_cosine": self.min_cosine, "reason": self.reason}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64 = np.nan_to_num(a.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
+    b64 = np.nan_to_num(b.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
+    na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a64, b64) / (na * nb))
+
+
+def diff_output(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDiff:
+    ref, got = np.asarray(ref), np.asarray(got)
+    if ref.shape != got.shape:
+        return OutputDiff(name, math.inf, math.inf, 0.0, False, True)
+    if ref.dtype.kind in "OUS" or got.dtype.kind in "OUS":
+        same = bool(np.array_equal(ref, got))
+        return OutputDiff(name, 0.0 if same else math.inf, 0.0 if same else math.inf, 1.0 if same else 0.0, True, True)
+    if ref.size == 0:
+        return OutputDiff(name, 0.0, 0.0, 1.0, True, True)
+    r = ref.astype(np.float64)
+    g = got.astype(np.float64)
+    finite_r, finite_g = np.isfinite(r), np.isfinite(g)
+    inf_r, inf_g = np.isinf(r), np.isinf(g)
+    finite_ok = (bool(np.array_equal(np.isnan(r), np.isnan(g))) and bool(np.array_equal(inf_r, inf_g))
+                 and bool(np.array_equal(r[inf_r], g[inf_g])))
+    both = finite_r & finite_g
+    abs_diff = float(np.max(np.abs(r[both] - g[both]))) if both.any() else 0.0
+    scale = max(1.0, float(np.max(np.abs(r[both]))) if both.any() else 1.0)
+    return OutputDiff(name, abs_diff, abs_diff / scale, cosine(r, g), True, finite_ok)
+
+
+def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+            exact_tolerance: float = 1e-4, budget: float = 0.0) -> Validation:
+    """Compare ``candidate`` against ``reference`` output by output."""
+    missing = [n for n in reference if n not in candidate]
+    if missing:
+        return Validation(False, "exact" if budget <= 0 else "budget", budget or exact_tolerance,
+                          math.inf, math.inf, 0.0, f"missing outputs: {', '.join(missing)}")
+    diffs = tuple(diff_output(n, reference[n], candidate[n]) for n in reference)
+    max_abs = max((d.max_abs_diff for d in diffs), default=0.0)
+    max_rel = max((d.relative_diff for d in diffs), default=0.0)
+    min_cos = min((d.cosine for d in diffs), default=1.0)
+    reason = ""
+    bad_shape = [d.name for d in diffs if not d.shape_ok]
+    bad_finite = [d.name for d in diffs if not d.finite_ok]
+    if budget > 0:
+        mode, threshold = "budget", budget
+        failing = [d for d in diffs if d.cosine < budget]
+        if failing:
+            reason = f"cosine {failing[0].cosine:.6f} < {budget} on '{failing[0].name}'"
+    else:
+        mode, threshold = "exact", exact_tolerance
+        failing = [d for d in diffs if d.relative_diff > exact_tolerance]
+        if failing:
+            reason = f"relative diff {failing[0].relative_diff:.3g} > {exact_tolerance} on '{failing[0].name}'"
+    if bad_shape:
+        reason = f"shape changed on '{bad_shape[0]}'"
+    elif bad_finite:
+        reason = f"NaN/Inf pattern changed on '{bad_finite[0]}'"
+    return Validation(not reason, mode, threshold, max_abs, max_rel, min_cos, reason, diffs)
