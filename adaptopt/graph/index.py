@@ -179,6 +179,29 @@ def has_type(vi: onnx.ValueInfoProto | None) -> bool:
     return True
 
 
+def sort_topologically(graph: onnx.GraphProto) -> bool:
+    """Reorder ``graph.node`` topologically (stable); True when the order changed.
+
+    Raises InputError naming the node for cycles and reads of undefined tensors.
+    """
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | \
+        {i.name for i in graph.sparse_initializer}
+    inputs = [tuple(n for n in list(node.input) + subgraph_outer_inputs(node) if n) for node in nodes]
+    order = _topological_order(nodes, inputs, available)
+    if order == list(range(len(nodes))):
+        return False
+    sorted_nodes = [nodes[i] for i in order]
+    copies = []
+    for node in sorted_nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return True
+
+
 def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
     """Give every node a unique name (boundary tensors are untouched)."""
     taken = {n.name for n in graph.node if n.name}

@@ -22,6 +22,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from adaptopt.config import Config, InputSpec
 from adaptopt.errors import InputError
+from adaptopt.graph.index import sort_topologically
 
 TWO_GIB = 2**31
 EXTERNAL_THRESHOLD = 1024  # tensors at least this many bytes go to the side file
@@ -62,6 +63,7 @@ def load_model(source: str | Path, config: Config | None = None, *, infer: bool 
     check_external_data(model, base_dir, name)
     if uses_external_data(model):
         external_data_helper.load_external_data_for_model(model, str(base_dir))
+    sort_topologically(model.graph)  # unsorted-but-valid graphs are accepted; cycles are refused
     check_model(model, name)
     if config is not None and config.inputs:
         model = pin_input_shapes(model, config.inputs, name)

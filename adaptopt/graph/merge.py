@@ -195,7 +195,7 @@ def merge_directory(directory: str | Path) -> onnx.ModelProto:
     leaves = []
     for sid in manifest["leaves"]:
         leaf = _load_file(directory, files[sid], load_weights=True)
-        _check_leaf_boundary(leaf, expected[sid], sid)
+        _check_leaf_boundary(leaf, expected[sid], sid, {i.name for i in skeleton.graph.input})
         leaves.append(leaf)
     model = merge_models(skeleton, leaves)
     check_model(model, f"merged model from {directory}")
@@ -216,9 +216,12 @@ def _load_file(directory: Path, name: str, load_weights: bool) -> onnx.ModelProt
     return model
 
 
-def _check_leaf_boundary(leaf: onnx.ModelProto, entry: dict, sid: str) -> None:
+def _check_leaf_boundary(leaf: onnx.ModelProto, entry: dict, sid: str, graph_inputs: set[str]) -> None:
+    """A (possibly rewritten) leaf must still produce its boundary outputs and read nothing new."""
     ins = {i.name for i in leaf.graph.input} - {t.name for t in leaf.graph.initializer}
     outs = {o.name for o in leaf.graph.output}
-    if ins != set(entry["boundary_inputs"]) or outs != set(entry["boundary_outputs"]):
-        raise InputError(f"leaf {sid} ({entry['file']}): its inputs/outputs no longer match the manifest's "
-                         "boundary; a rewritten leaf must keep its boundary names")
+    lost = set(entry["boundary_outputs"]) - outs
+    unknown = ins - set(entry["boundary_inputs"]) - graph_inputs
+    if lost or unknown:
+        what = f"no longer outputs {sorted(lost)[:3]}" if lost else f"reads unknown inputs {sorted(unknown)[:3]}"
+        raise InputError(f"leaf {sid} ({entry['file']}) {what}; a rewritten leaf must keep its boundary names")

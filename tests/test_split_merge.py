@@ -1,0 +1,301 @@
+"""Split -> merge is the identity: structure checks and numerical round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from adaptopt import api
+from adaptopt.cli import cli
+from adaptopt.config import Config, InputSpec
+from adaptopt.graph.capture import make_inputs
+from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.io import load_model, save_model
+from adaptopt.graph.partition import partition
+from adaptopt.runtime import make_session
+from tests.conftest import BERT_INPUTS, run_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def assert_round_trip(model_path: Path, tmp_path: Path, config: Config, granularity: int = 3) -> dict:
+    out = tmp_path / "split"
+    result = api.split(model_path, out, config, granularity)
+    merged = api.merge(out)
+    original = load_model(model_path, config)
+    feeds = make_inputs(original, config)
+    ref = run_model(original, feeds)
+    got = run_model(merged, feeds)
+    assert list(ref) == [o.name for o in merged.graph.output]
+    for name in ref:
+        assert ref[name].shape == got[name].shape
+        assert np.max(np.abs(ref[name].astype(np.float64) - got[name]), initial=0.0) <= 1e-6, name
+    onnx.checker.check_model(merged)
+    return result.manifest
+
+
+def test_example_round_trip_and_files(tmp_path, resnet_model):
+    path = tmp_path / "resnet.onnx"
+    save_model(resnet_model, path)
+    manifest = assert_round_trip(path, tmp_path, Config(), granularity=3)
+    entries = {n["id"]: n for n in manifest["nodes"]}
+    assert manifest["root"] == "0" and entries["0"]["parent"] is None
+    for entry in manifest["nodes"]:
+        for child in entry["children"]:
+            assert entries[child]["parent"] == entry["id"]
+        sub = onnx.load(str(tmp_path / "split" / entry["file"]))  # external refs resolve in the folder
+        onnx.checker.check_model(sub)
+        make_session(str(tmp_path / "split" / entry["file"]), Config().target)
+        assert {i.name for i in sub.graph.input} == set(entry["boundary_inputs"])
+        assert {o.name for o in sub.graph.output} == set(entry["boundary_outputs"])
+    leaves = [entries[i] for i in manifest["leaves"]]
+    assert sum(e["node_count"] for e in leaves) == len(resnet_model.graph.node)
+    # weights are written once: every subgraph file stays small, weights.bin holds them
+    weights = (tmp_path / "split" / "weights.bin").stat().st_size
+    assert weights >= 0.9 * sum(len(t.raw_data) for t in resnet_model.graph.initializer if len(t.raw_data) >= 1024)
+    assert all((tmp_path / "split" / e["file"]).stat().st_size < weights for e in manifest["nodes"])
+
+
+def test_bert_symbolic_dims_survive(tmp_path, bert_model):
+    path = tmp_path / "bert.onnx"
+    save_model(bert_model, path)
+    # split without shapes: symbolic dims stay symbolic in the merged model
+    out = tmp_path / "nosh"
+    api.split(path, out, Config(), 2)
+    merged = api.merge(out)
+    dims = [d.dim_param for d in merged.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    assert_round_trip(path, tmp_path, Config(inputs=dict(BERT_INPUTS)), granularity=3)
+
+
+def test_leaf_rewritten_in_place_is_merged(tmp_path, resnet_model):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    out = tmp_path / "split"
+    manifest = api.split(path, out, Config(), 2).manifest
+    entries = {n["id"]: n for n in manifest["nodes"]}
+    leaf_file = out / entries[manifest["leaves"][0]]["file"]
+    last = onnx.load(str(out / entries[manifest["leaves"][-1]]["file"]))
+    taken = next(o for n in last.graph.node for o in n.output if o not in {x.name for x in last.graph.output})
+    leaf = onnx.load(str(leaf_file))
+    # rewrite: insert an Identity on the first output, via a name internal to another leaf
+    first_out = leaf.graph.output[0].name
+    producer = next(n for n in leaf.graph.node if first_out in n.output)
+    producer.output[list(producer.output).index(first_out)] = taken
+    leaf.graph.node.append(helper.make_node("Identity", [taken], [first_out], name="inserted"))
+    onnx.save(leaf, str(leaf_file))
+    merged = api.merge(out)
+    feeds = make_inputs(resnet_model, Config())
+    ref, got = run_model(resnet_model, feeds), run_model(merged, feeds)
+    np.testing.assert_allclose(ref["logits"], got["logits"], atol=1e-6)
+    assert len(merged.graph.node) == len(resnet_model.graph.node) + 1
+
+
+def test_merge_refuses_changed_boundary(tmp_path, resnet_model):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    out = tmp_path / "split"
+    manifest = api.split(path, out, Config(), 1).manifest
+    leaf_file = out / next(n["file"] for n in manifest["nodes"] if n["id"] == manifest["leaves"][0])
+    leaf = onnx.load(str(leaf_file))
+    leaf.graph.output[0].name = "renamed"
+    onnx.save(leaf, str(leaf_file))
+    result = CliRunner().invoke(cli, ["merge", str(out), "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2
+    assert "boundary" in result.output and not (tmp_path / "x.onnx").exists()
+
+
+def _control_flow_model() -> onnx.ModelProto:
+    """If + Loop whose bodies read outer-scope tensors; plus a plain prefix/suffix."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    then_g = helper.make_graph([helper.make_node("Add", ["h", "w"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [4])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["h", "w"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [4])])
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["acc_in", "scale"], ["acc_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["branch"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Abs", ["branch"], ["scale"]),
+        helper.make_node("Loop", ["trips", "true", "branch"], ["looped"], body=body),
+        helper.make_node("Tanh", ["looped"], ["t1"]),
+        helper.make_node("Add", ["t1", "h"], ["y"]),
+    ]
+    inits = [w, numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "true")]
+    graph = helper.make_graph(nodes, "cf", [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_control_flow_is_atomic_and_round_trips(tmp_path):
+    model = _control_flow_model()
+    onnx.checker.check_model(model)
+    index = GraphIndex.build(model)
+    loop_pos = next(i for i, n in enumerate(index.nodes) if n.op_type == "Loop")
+    assert "scale" in index.node_inputs[loop_pos]  # outer-scope read counted as an input
+    if_pos = next(i for i, n in enumerate(index.nodes) if n.op_type == "If")
+    assert {"h", "w"} <= set(index.node_inputs[if_pos])
+    path = tmp_path / "cf.onnx"
+    save_model(model, path)
+    for depth in (1, 2, 3):
+        tree = partition(index, depth, 1)
+        for leaf in tree.leaves():
+            # a leaf that holds the Loop also receives 'scale' as a boundary input or computes it
+            if leaf.start <= loop_pos < leaf.stop and not leaf.start <= index.producer["scale"] < leaf.stop:
+                assert "scale" in leaf.boundary_inputs
+        cfg = Config(granularity=Config().granularity.__class__(min_nodes=1, initial_granularity=depth))
+        sub = tmp_path / f"d{depth}"
+        sub.mkdir()
+        assert_round_trip(path, sub, cfg, granularity=depth)
+
+
+def test_external_data_in_and_out(tmp_path, resnet_model):
+    src = tmp_path / "ext" / "model.onnx"
+    save_model(resnet_model, src, external=True)
+    data_size = (tmp_path / "ext" / "model.onnx.data").stat().st_size
+    assert data_size > 20_000 and src.stat().st_size < data_size / 2
+    assert_round_trip(src, tmp_path, Config(), granularity=2)
+    merged = api.merge(tmp_path / "split")
+    out = tmp_path / "out" / "merged.onnx"
+    save_model(merged, out, external=True)
+    reloaded = load_model(out)
+    feeds = make_inputs(resnet_model, Config())
+    np.testing.assert_array_equal(run_model(reloaded, feeds)["logits"], run_model(resnet_model, feeds)["logits"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SHARED.glob("*.onnx")) if SHARED.is_dir() else [])
+def test_shared_models_round_trip(tmp_path, name):
+    spec = yaml.safe_load((SHARED / "inputs.yaml").read_text())[name]
+    inputs = {}
+    for key, value in spec.items():
+        values = value["values"]
+        rng = tuple(values["range"]) if isinstance(values, dict) else None
+        inputs[key] = InputSpec(shape=tuple(value["shape"]), dtype=value["dtype"],
+                                values="range" if rng else values, value_range=rng)
+    assert_round_trip(SHARED / name, tmp_path, Config(inputs=inputs), granularity=3)
+
+
+def test_partition_is_iterative_on_a_long_chain():
+    n = 20_000
+    nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(n)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(f"t{n}", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tree = partition(GraphIndex.build(model), 12, 4)
+    leaves = tree.leaves()
+    assert len(leaves) == 2**12
+    assert [leaf.start for leaf in leaves] == sorted(leaf.start for leaf in leaves)
+    assert leaves[-1].stop == n and all(a.stop == b.start for a, b in zip(leaves, leaves[1:]))
+
+
+def test_cut_prefers_narrow_boundaries():
+    """Two wide blocks joined by one tensor: the cut falls on the single crossing tensor."""
+    nodes = []
+    for block, (src, dst) in enumerate((("x", "mid"), ("mid", "y"))):
+        branches = [f"b{block}_{k}" for k in range(4)]
+        nodes += [helper.make_node("Relu", [src], [b], name=f"r{block}{k}") for k, b in enumerate(branches)]
+        nodes.append(helper.make_node("Sum", branches, [dst], name=f"sum{block}"))
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", vi[:1], vi[1:]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx.shape_inference.infer_shapes(model)
+    tree = partition(GraphIndex.build(model), 1, 2)
+    left, right = (tree.nodes["0.0"], tree.nodes["0.1"])
+    assert left.boundary_outputs == ("mid",) and right.boundary_inputs == ("mid",)
+
+
+# ------------------------------------------------------------------ random DAGs
+_BINARY = ("Add", "Mul", "Sub", "Max")
+_UNARY = ("Relu", "Neg", "Tanh", "Abs", "Sigmoid")
+
+
+@st.composite
+def random_dags(draw):
+    n_inputs = draw(st.integers(1, 3))
+    tensors = [f"in{i}" for i in range(n_inputs)]
+    nodes = []
+    for i in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(("unary", "binary", "matmul", "transpose")))
+        a = draw(st.sampled_from(tensors))
+        out = f"t{i}"
+        if kind == "unary":
+            nodes.append(helper.make_node(draw(st.sampled_from(_UNARY)), [a], [out], name=f"n{i}"))
+        elif kind == "binary":
+            b = draw(st.sampled_from(tensors))
+            nodes.append(helper.make_node(draw(st.sampled_from(_BINARY)), [a, b], [out], name=f"n{i}"))
+        elif kind == "matmul":
+            nodes.append(helper.make_node("MatMul", [a, "w"], [out], name=f"n{i}"))
+        else:
+            nodes.append(helper.make_node("Transpose", [a], [out], name=f"n{i}", perm=[1, 0]))
+        tensors.append(out)
+    consumed = {x for n in nodes for x in n.input}
+    outputs = [t for t in tensors[n_inputs:] if t not in consumed] + draw(
+        st.lists(st.sampled_from(tensors[n_inputs:]), max_size=3, unique=True))
+    order = draw(st.permutations(range(len(nodes))))  # stored out of topological order
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 3])  # noqa: E731
+    w = numpy_helper.from_array(np.linspace(-1, 1, 9, dtype=np.float32).reshape(3, 3), "w")
+    graph = helper.make_graph([nodes[i] for i in order], "rand", [vi(f"in{i}") for i in range(n_inputs)],
+                              [vi(o) for o in dict.fromkeys(outputs)], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), draw(st.integers(0, 5)), \
+        draw(st.integers(1, 4))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_dags())
+def test_random_dag_split_merge_identity(tmp_path_factory, case):
+    model, depth, min_nodes = case
+    tmp = tmp_path_factory.mktemp("dag")
+    path = tmp / "m.onnx"
+    save_model(model, path)
+    cfg = Config()
+    cfg = cfg.with_section("granularity", min_nodes=min_nodes, initial_granularity=depth)
+    api.split(path, tmp / "s", cfg, depth)
+    merged = api.merge(tmp / "s")
+    feeds = make_inputs(model, Config(inputs={f"in{i}": InputSpec(values="normal") for i in range(3)
+                                              if any(x.name == f"in{i}" for x in model.graph.input)}))
+    ref, got = run_model(model, feeds), run_model(merged, feeds)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-6, rtol=0)
+    manifest = json.loads((tmp / "s" / "manifest.json").read_text())
+    assert sum(n["node_count"] for n in manifest["nodes"] if n["id"] in manifest["leaves"]) == len(model.graph.node)
+
+
+def test_cli_split_merge_stdin_stdout(tmp_path, resnet_model):
+    data = resnet_model.SerializeToString()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["split", "-", "-o", str(tmp_path / "s"), "--granularity", "2"], input=data)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["merge", str(tmp_path / "s"), "-o", "-"])
+    assert result.exit_code == 0
+    merged = onnx.load_model_from_string(result.stdout_bytes)
+    assert len(merged.graph.node) == len(resnet_model.graph.node)
+
+
+def test_unknown_config_key_exits_2(tmp_path, resnet_model):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("granularity:\n  initial_granularty: 2\n")
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    before = path.read_bytes()
+    result = CliRunner().invoke(cli, ["split", str(path), "-o", str(tmp_path / "s"), "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "initial_granularty" in result.output and "c.yaml:2" in result.output
+    assert not (tmp_path / "s").exists() and path.read_bytes() == before
