@@ -101,6 +101,22 @@ def merge(directory: str, output: str) -> None:
 
 
 # ---------------------------------------------------------------- optimize / policy (issue 5)
+@cli.group()
+def policy() -> None:
+    """Inspect Q-table files written by `optimize --policy`."""
+
+
+@policy.command("show")
+@click.argument("qtable", type=str)
+@command
+def policy_show(qtable: str) -> None:
+    """Print a Q-table file as a table (state, action, Q value, visits)."""
+    from tabulate import tabulate
+
+    from adaptopt.policy.qtable import QTable
+    table = QTable.load(qtable)
+    rows = table.rows()
+    click.echo(tabulate(rows, headers="keys", floatfmt=".4f") if rows else "(empty Q-table)")
 
 
 def main() -> None:

@@ -1,0 +1,251 @@
+"""Searching pass sequences for one subgraph: Q-learning and the baselines it must beat.
+
+Everything here works against :class:`Environment`: apply a pass sequence to one
+subgraph, get back a measured outcome. The real environment (``adapt.environment``)
+rewrites, validates and times on the target; tests use a synthetic one with known
+rewards. Every strategy reports how many distinct measurements it paid for, so they
+can be compared at the same budget (``make bench SECTION=learning``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from adaptopt.policy.qtable import QTable, epsilon_at
+from adaptopt.policy.state import STOP, State
+
+Sequence_ = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    time_ms: float
+    valid: bool
+    bytes: float = 0.0  # analytic bytes moved (for the bandwidth term); 0 when unknown
+    reason: str = ""
+
+
+class Environment(Protocol):
+    def actions(self, sequence: Sequence_) -> list[str]:
+        """Passes that apply after ``sequence`` (never one already in it)."""
+
+    def evaluate(self, sequence: Sequence_) -> Outcome:
+        """Apply ``sequence`` to the original subgraph, validate and time it (cached)."""
+
+    def state(self, sequence: Sequence_) -> State:
+        """The policy's view of the subgraph after ``sequence``."""
+
+    def category(self, action: str) -> str:
+        """compute | memory | hybrid."""
+
+    @property
+    def measurements(self) -> int:
+        """Distinct sequences measured so far (cache hits are free)."""
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    bandwidth_weight: float = 0.05
+    failure_penalty: float = 1.0
+
+
+def reward(before: Outcome, after: Outcome, weights: RewardWeights) -> float:
+    """log speedup, minus a bandwidth term, or the failure penalty when validation failed."""
+    if not after.valid:
+        return -weights.failure_penalty
+    r = math.log(before.time_ms / after.time_ms)
+    if before.bytes > 0 and after.bytes > 0:
+        r -= weights.bandwidth_weight * math.log(after.bytes / before.bytes)
+    return r
+
+
+@dataclass
+class SearchResult:
+    sequence: Sequence_
+    outcome: Outcome
+    baseline: Outcome
+    measurements: int
+    strategy: str
+    curve: list[float] = field(default_factory=list)  # reward per epoch (Q-learning)
+    decisions: list[dict] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.time_ms / self.outcome.time_ms
+
+
+def best_seen(env: Environment, sequences: list[Sequence_]) -> tuple[Sequence_, Outcome]:
+    """Lowest-time valid sequence among those measured (the empty one always qualifies)."""
+    best: Sequence_ = ()
+    best_out = env.evaluate(())
+    for seq in sequences:
+        out = env.evaluate(seq)
+        if out.valid and out.time_ms < best_out.time_ms:
+            best, best_out = seq, out
+    return best, best_out
+
+
+# ---------------------------------------------------------------- Q-learning
+@dataclass(frozen=True)
+class QSettings:
+    epochs: int = 6
+    learning_rate: float = 0.5
+    discount: float = 0.9
+    epsilon_start: float = 0.9
+    epsilon_end: float = 0.05
+    max_sequence: int = 4
+    weights: RewardWeights = RewardWeights()
+
+
+def run_episode(env: Environment, table: QTable, settings: QSettings, epsilon: float,
+                rng: random.Random, log: list[dict] | None = None) -> tuple[float, Sequence_]:
+    """One episode on one subgraph; returns (total reward, sequence reached)."""
+    seq: Sequence_ = ()
+    current = env.evaluate(seq)
+    state = env.state(seq)
+    total = 0.0
+    failed: set[str] = set()
+    for _ in range(settings.max_sequence):
+        actions = [a for a in env.actions(seq) if a not in failed] + [STOP]
+        action = table.choose(state.key, actions, epsilon, rng)
+        if action == STOP:
+            table.update(state.key, STOP, 0.0, None, (), settings.learning_rate, settings.discount)
+            break
+        outcome = env.evaluate(seq + (action,))
+        r = reward(current, outcome, settings.weights)
+        total += r
+        if not outcome.valid:  # reverted: stay where we were, never try it again this episode
+            failed.add(action)
+            table.update(state.key, action, r, None, (), settings.learning_rate, settings.discount)
+            _log(log, state, action, r, outcome)
+            continue
+        next_seq = seq + (action,)
+        next_state = env.state(next_seq)
+        next_actions = env.actions(next_seq) + [STOP]
+        table.update(state.key, action, r, next_state.key, next_actions, settings.learning_rate, settings.discount)
+        _log(log, state, action, r, outcome)
+        seq, state, current = next_seq, next_state, outcome
+    return total, seq
+
+
+def _log(log: list[dict] | None, state: State, action: str, r: float, outcome: Outcome) -> None:
+    if log is not None:
+        log.append({"state": state.key, "action": action, "reward": round(r, 5), "valid": outcome.valid,
+                    "time_ms": round(outcome.time_ms, 5), "reason": outcome.reason})
+
+
+def greedy_rollout(env: Environment, table: QTable, max_sequence: int) -> Sequence_:
+    """Follow the table's best action from the start; invalid steps end the rollout."""
+    seq: Sequence_ = ()
+    for _ in range(max_sequence):
+        actions = env.actions(seq) + [STOP]
+        action = table.greedy(env.state(seq).key, actions)
+        if action == STOP or not env.evaluate(seq + (action,)).valid:
+            break
+        seq = seq + (action,)
+    return seq
+
+
+def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, seed: int = 0,
+               should_stop=lambda: False) -> list[SearchResult]:
+    """Train on all subgraphs for ``settings.epochs`` (one episode each per epoch), then roll out.
+
+    The table is shared across subgraphs (and across models, via its file). The final
+    sequence per subgraph is the greedy rollout, unless a sequence measured during
+    training was faster: then that one is kept and the decision log says so.
+    """
+    rng = random.Random(seed)
+    curves: list[list[float]] = [[] for _ in envs]
+    visited: list[list[Sequence_]] = [[] for _ in envs]
+    logs: list[list[dict]] = [[] for _ in envs]
+    for epoch in range(settings.epochs):
+        if should_stop():
+            break
+        epsilon = epsilon_at(epoch, settings.epochs, settings.epsilon_start, settings.epsilon_end)
+        for i, env in enumerate(envs):
+            total, seq = run_episode(env, table, settings, epsilon, rng, logs[i])
+            curves[i].append(total)
+            visited[i].append(seq)
+    results = []
+    for i, env in enumerate(envs):
+        rollout = greedy_rollout(env, table, settings.max_sequence)
+        best, best_out = best_seen(env, [rollout] + visited[i])
+        chosen_by = "greedy rollout" if best == rollout else "best measured during training"
+        logs[i].append({"final": list(best), "chosen_by": chosen_by, "rollout": list(rollout)})
+        results.append(SearchResult(best, best_out, env.evaluate(()), env.measurements, "q-learning",
+                                    curves[i], logs[i]))
+    return results
+
+
+# ---------------------------------------------------------------- baselines
+def random_search(env: Environment, budget: int, max_sequence: int, seed: int = 0) -> SearchResult:
+    """Random sequences (random length, random applicable passes) until ``budget`` measurements."""
+    rng = random.Random(seed)
+    tried: list[Sequence_] = []
+    attempts = 0
+    while env.measurements < budget and attempts < budget * 20:
+        attempts += 1
+        seq: Sequence_ = ()
+        for _ in range(rng.randint(1, max_sequence)):
+            actions = env.actions(seq)
+            if not actions:
+                break
+            seq = seq + (rng.choice(actions),)
+            if not env.evaluate(seq).valid or env.measurements >= budget:
+                break
+        tried.append(seq)
+    best, out = best_seen(env, tried)
+    return SearchResult(best, out, env.evaluate(()), env.measurements, "random")
+
+
+def heuristic(env: Environment, bound: str, max_sequence: int) -> SearchResult:
+    """The seed's static rule: compute-bound -> compute passes, else memory passes; keep what helps."""
+    wanted = {"compute"} if bound == "compute" else {"memory"}
+    seq: Sequence_ = ()
+    current = env.evaluate(seq)
+    for action in [a for a in env.actions(seq) if env.category(a) in wanted]:
+        if len(seq) >= max_sequence or action not in env.actions(seq):
+            continue
+        out = env.evaluate(seq + (action,))
+        if out.valid and out.time_ms < current.time_ms:
+            seq, current = seq + (action,), out
+    return SearchResult(seq, current, env.evaluate(()), env.measurements, "heuristic")
+
+
+def greedy_search(env: Environment, max_sequence: int) -> SearchResult:
+    """Try every applicable pass, keep the best, repeat until none helps."""
+    seq: Sequence_ = ()
+    current = env.evaluate(seq)
+    for _ in range(max_sequence):
+        best_action, best_out = None, current
+        for action in env.actions(seq):
+            out = env.evaluate(seq + (action,))
+            if out.valid and out.time_ms < best_out.time_ms:
+                best_action, best_out = action, out
+        if best_action is None:
+            break
+        seq, current = seq + (best_action,), best_out
+    return SearchResult(seq, current, env.evaluate(()), env.measurements, "greedy")
+
+
+def oracle(env: Environment, max_sequence: int, limit: int = 2000) -> SearchResult:
+    """Exhaustive search over sequences up to ``max_sequence`` long (for small action sets)."""
+    tried: list[Sequence_] = []
+    frontier: list[Sequence_] = [()]
+    for _ in range(max_sequence):
+        nxt = []
+        for seq in frontier:
+            for action in env.actions(seq):
+                if len(tried) >= limit:
+                    break
+                cand = seq + (action,)
+                tried.append(cand)
+                if env.evaluate(cand).valid:
+                    nxt.append(cand)
+        frontier = nxt
+    best, out = best_seen(env, tried)
+    return SearchResult(best, out, env.evaluate(()), env.measurements, "oracle")
+
