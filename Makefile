@@ -21,13 +21,23 @@ install-gpu: $(STAMP)
 	$(BIN)/python -m pip uninstall -y onnxruntime
 	$(BIN)/python -m pip install -q onnxruntime-gpu nvidia-ml-py
 
-models: $(STAMP)
+EXAMPLES := models/resnet_small.onnx models/bert_small.onnx
+
+# the example models are built by our own script (deterministic), not committed
+$(EXAMPLES) &: $(STAMP) adaptopt/examples.py models/make_models.py
 	$(BIN)/python models/make_models.py
 
-demo: $(STAMP)
+models: $(EXAMPLES)
+
+demo: $(EXAMPLES)
 	@mkdir -p out
-	$(BIN)/adaptopt split models/resnet_small.onnx -o out/resnet_split --granularity 2
-	$(BIN)/adaptopt merge out/resnet_split -o out/resnet_small.merged.onnx
+	$(BIN)/adaptopt profile models/resnet_small.onnx --config configs/cpu.yaml --granularity 2
+	$(BIN)/adaptopt optimize models/resnet_small.onnx --config configs/cpu.yaml --accuracy-budget 0.999 \
+	    -o out/resnet_small.opt.onnx --report out/resnet_small.report.md
+	$(BIN)/adaptopt optimize models/bert_small.onnx --config configs/cpu.yaml \
+	    --input-shape input_ids=1x128 --input-shape attention_mask=1x128 \
+	    -o out/bert_small.opt.onnx --report out/bert_small.report.md
+	@echo "reports: out/resnet_small.report.md out/bert_small.report.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -35,7 +45,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
-bench: $(STAMP)
+bench: $(EXAMPLES)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python -m benchmarks --section $(SECTION) $(ARGS)
 

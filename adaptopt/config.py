@@ -68,6 +68,7 @@ class PolicyConfig:
     max_sequence: int = 4
     bandwidth_weight: float = 0.05
     failure_penalty: float = 1.0
+    optimistic_init: float = 0.1
     seed: int = 0
     qtable: str | None = None
     cache_dir: str | None = None
@@ -172,6 +173,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "max_sequence": _POS_INT,
         "bandwidth_weight": (float, lambda v: v >= 0, "a number >= 0"),
         "failure_penalty": (float, lambda v: v >= 0, "a number >= 0"),
+        "optimistic_init": (float, lambda v: 0 <= v <= 10, "a number in [0, 10]"),
         "seed": _NONNEG_INT,
         "qtable": _OPT_STR,
         "cache_dir": _OPT_STR,

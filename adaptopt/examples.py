@@ -146,7 +146,7 @@ def _attention(b: GraphBuilder, x: str, mask_add: str, hidden: int, heads: int) 
     return _linear(b, ctx, hidden, hidden, "attention.output.dense")
 
 
-def build_bert(vocab: int = 2000, hidden: int = 128, layers: int = 2, heads: int = 4, ffn: int = 512,
+def build_bert(vocab: int = 4000, hidden: int = 256, layers: int = 4, heads: int = 4, ffn: int = 1024,
                max_positions: int = 512, seed: int = 0) -> onnx.ModelProto:
     b = GraphBuilder(seed)
     word = b.const("embeddings.word_embeddings.weight", (b.rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32))

@@ -36,12 +36,17 @@ def epsilon_at(epoch: int, epochs: int, start: float, end: float) -> float:
 
 @dataclass
 class QTable:
+    """State -> action -> value. Unvisited pairs read as ``initial`` (optimistic
+    initialisation: a positive value makes greedy choices try every action once
+    before repeating one, which is how a table explores without wasting measurements)."""
+
     values: dict[str, dict[str, float]] = field(default_factory=dict)
     visits: dict[str, dict[str, int]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    initial: float = 0.0
 
     def q(self, state: str, action: str) -> float:
-        return self.values.get(state, {}).get(action, 0.0)
+        return self.values.get(state, {}).get(action, self.initial)
 
     def best_value(self, state: str, actions: Iterable[str]) -> float:
         actions = list(actions)

@@ -98,6 +98,7 @@ class QSettings:
     epsilon_end: float = 0.05
     max_sequence: int = 4
     weights: RewardWeights = RewardWeights()
+    optimistic_init: float = 0.0  # value of unvisited (state, action) pairs
 
 
 def run_episode(env: Environment, table: QTable, settings: QSettings, epsilon: float,
@@ -158,6 +159,7 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
     training was faster: then that one is kept and the decision log says so.
     """
     rng = random.Random(seed)
+    table.initial = settings.optimistic_init
     curves: list[list[float]] = [[] for _ in envs]
     visited: list[list[Sequence_]] = [[] for _ in envs]
     logs: list[list[dict]] = [[] for _ in envs]

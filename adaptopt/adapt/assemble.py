@@ -1,0 +1,295 @@
+"""Merge the chosen leaf rewrites and keep the promise: never slower, never less accurate.
+
+A leaf's rewrite is kept only when a fresh interleaved run of the leaf (original,
+rewrite and an A/A pair) confirms its gain beyond the noise. The merged model must then (1) match the original's outputs (exact tolerance,
+or the cosine budget when a lossy rewrite is in it), (2) keep working at other sizes
+of its dynamic dims when it has any, and (3) beat the original side by side by more
+than the A/A noise. Failing (1) or (2) drops lossy leaves first, then everything;
+failing (3) drops the rewrite with the smallest measured gain and tries again, a few
+times, before falling back to the original model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from adaptopt.adapt.environment import model_digest
+from adaptopt.adapt.verify import SideBySide, interleaved_medians, side_by_side
+from adaptopt.config import Config
+from adaptopt.graph.capture import model_inputs
+from adaptopt.graph.io import dynamic_inputs
+from adaptopt.graph.merge import merge_models
+from adaptopt.graph.partition import PartitionTree
+from adaptopt.graph.subgraph import extract_range
+from adaptopt.runtime import make_session, ort_error_line, ort_errors, run
+from adaptopt.validate import Validation, compare
+
+MAX_SPEED_ROLLBACKS = 3
+MIN_LEAF_GAIN = 0.02  # log-speedup a leaf must show beyond its noise to be a candidate
+
+
+@dataclass
+class Assembly:
+    model: onnx.ModelProto
+    improved: bool
+    validation: Validation
+    side: SideBySide | None
+    accepted: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    message: str = ""
+    leaf_models: dict[str, onnx.ModelProto] = field(default_factory=dict)
+
+
+def leaf_gain(plan) -> float:
+    r = plan.result
+    if not r.sequence or not r.outcome.valid:
+        return 0.0
+    return math.log(r.baseline.time_ms / r.outcome.time_ms)
+
+
+def is_candidate(plan) -> bool:
+    """Worth confirming: the search measured a gain (the confirmation run judges the noise)."""
+    return leaf_gain(plan) > MIN_LEAF_GAIN
+
+
+def confirm_leaf(ctx, plan) -> SideBySide:
+    """Time the leaf's original and its chosen rewrite again, interleaved, with an A/A pair.
+
+    The search keeps the fastest of many noisy measurements, which is biased low (the
+    winner's curse); a fresh side-by-side run is an unbiased check of that choice.
+    """
+    env = plan.env
+    return cached_side_by_side(ctx, env.model, env.step(plan.result.sequence).model, env.feeds, rounds=10)
+
+
+def assemble(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto, reference: Mapping[str, np.ndarray],
+             budget: float, allow_slower: bool, say: Callable[[str], None]) -> Assembly:
+    """Merge the confirmed leaf rewrites, verify, then decide the model-level passes."""
+    assembly = _assemble_leaves(ctx, tree, plans, skeleton, reference, budget, allow_slower, say)
+    return with_model_passes(ctx, assembly, skeleton)
+
+
+def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Assembly:
+    """Try each model-level pass (session options in metadata) on the chosen model, side by side.
+
+    Each is kept only when faster than the model without it beyond the A/A noise; the
+    result is then timed against the original once more, so the reported speedup is
+    always original vs final.
+    """
+    from adaptopt.passes.base import PassContext
+    model, changed = assembly.model, False
+    pass_ctx = PassContext(target=ctx.config.target)
+    for p in ctx.model_passes:
+        if ctx.expired() or not p.applies(model, pass_ctx).ok:
+            continue
+        candidate = p.apply(model, pass_ctx).model
+        side = cached_side_by_side(ctx, model, candidate)
+        assembly.events.append({"event": "model_pass", "pass": p.name, **side.to_dict(), "kept": side.significant()})
+        if side.significant():
+            model, changed = candidate, True
+    if not changed:
+        return assembly
+    final = cached_side_by_side(ctx, skeleton, model)
+    assembly.events.append({"event": "side_by_side", "attempt": "final", **final.to_dict()})
+    if final.speedup <= 1.0:
+        return assembly
+    return Assembly(model, True, assembly.validation, final, assembly.accepted, assembly.events,
+                    f"verified speedup {final.speedup:.3f}x (A/A noise {final.noise:.3f})", assembly.leaf_models)
+
+
+def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto,
+                     reference: Mapping[str, np.ndarray], budget: float, allow_slower: bool,
+                     say: Callable[[str], None]) -> Assembly:
+    accepted = {}
+    events: list[dict] = []
+    for sid in sorted(plans):
+        if not is_candidate(plans[sid]):
+            continue
+        check = confirm_leaf(ctx, plans[sid])
+        events.append({"event": "confirm_leaf", "leaf": sid, "sequence": list(plans[sid].result.sequence),
+                       **check.to_dict(), "kept": check.significant(MIN_LEAF_GAIN)})
+        if check.significant(MIN_LEAF_GAIN):
+            accepted[sid] = plans[sid].result.sequence
+    leaves = tree.leaves()
+    originals = {s.id: extract_range(ctx.index, s.start, s.stop, name=f"sg_{s.id}") for s in leaves}
+
+    def build(chosen: dict[str, tuple[str, ...]]) -> tuple[onnx.ModelProto, dict[str, onnx.ModelProto]]:
+        models = {s.id: (plans[s.id].env.step(chosen[s.id]).model if s.id in chosen else originals[s.id])
+                  for s in leaves}
+        return merge_for(skeleton, [models[s.id] for s in leaves]), models
+
+    def lossy(chosen) -> bool:
+        return any(plans[sid].env.is_lossy(seq) for sid, seq in chosen.items())
+
+    # (1) + (2) accuracy, at the configured shapes and at other sizes of dynamic dims
+    def check(chosen) -> tuple[Validation, onnx.ModelProto, dict]:
+        model, models = build(chosen)
+        tolerance = budget if lossy(chosen) else 0.0
+        result = check_outputs(model, ctx.feeds, reference, ctx.config, tolerance)
+        if result.ok:
+            result = check_other_shapes(skeleton, model, ctx.feeds, ctx.config, tolerance)
+        return result, model, models
+
+    validation, candidate, models = check(accepted) if accepted else (None, None, {})
+    if accepted and not validation.ok:
+        events.append({"event": "rollback", "why": validation.reason, "leaves": "searching for the culprits"})
+        say(f"end-to-end check failed ({validation.reason[:80]}); keeping only rewrites that pass together")
+        order = sorted(accepted, key=lambda sid: (-leaf_gain(plans[sid]), sid))
+        accepted, dropped = accurate_subset(order, accepted, lambda chosen: check(chosen)[0].ok)
+        events.append({"event": "rollback", "why": "fails the end-to-end check", "leaves": dropped})
+        if accepted:
+            validation, candidate, models = check(accepted)
+    if not accepted:
+        return _original(skeleton, ctx, reference, events, "no subgraph rewrite beat its own timing noise "
+                         "and passed the end-to-end checks; the output is the original model")
+    # (3) speed, side by side
+    for attempt in range(MAX_SPEED_ROLLBACKS + 1):
+        side = cached_side_by_side(ctx, skeleton, candidate)
+        events.append({"event": "side_by_side", "attempt": attempt, **side.to_dict()})
+        if side.significant() or allow_slower:
+            return Assembly(candidate, True, validation, side, dict(accepted), events,
+                            f"verified speedup {side.speedup:.3f}x (A/A noise {side.noise:.3f})", models)
+        if len(accepted) <= 1 or attempt == MAX_SPEED_ROLLBACKS:
+            break
+        weakest = min(accepted, key=lambda sid: (leaf_gain(plans[sid]), sid))
+        events.append({"event": "rollback", "why": f"end-to-end speedup {side.speedup:.3f}x not above noise",
+                       "leaves": [weakest]})
+        del accepted[weakest]
+        validation, candidate, models = check(accepted)
+        if not validation.ok:
+            break
+    return _original(skeleton, ctx, reference, events, "the merged rewrites were not faster than the original "
+                     "end to end (beyond the A/A noise); the output is the original model")
+
+
+def accurate_subset(order: list[str], accepted: dict, passes_check: Callable[[dict], bool]) -> tuple[dict, list]:
+    """Add rewrites one at a time (best first), keeping each only while the whole model passes."""
+    kept: dict = {}
+    dropped = []
+    for sid in order:
+        trial = {**kept, sid: accepted[sid]}
+        if passes_check(trial):
+            kept = trial
+        else:
+            dropped.append(sid)
+    return kept, dropped
+
+
+def merge_for(skeleton: onnx.ModelProto, leaf_models: list[onnx.ModelProto]) -> onnx.ModelProto:
+    merged = merge_models(skeleton, leaf_models)
+    if dynamic_inputs(skeleton):  # static shapes inferred at the pinned sizes must not constrain other sizes
+        del merged.graph.value_info[:]
+    return merged
+
+
+def _original(skeleton, ctx, reference, events, message) -> Assembly:
+    validation = check_outputs(skeleton, ctx.feeds, reference, ctx.config, 0.0)
+    median = interleaved_medians({"original": skeleton}, ctx.feeds, ctx.config.target, rounds=5)["original"]
+    side = SideBySide(median, median, median, 5)
+    return Assembly(skeleton, False, validation, side, {}, events, message)
+
+
+def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                  config: Config, budget: float) -> Validation:
+    try:
+        outputs = run(make_session(model, config.target, level="all"), feeds)
+    except ort_errors() as exc:
+        return Validation(False, "exact", 0.0, math.inf, math.inf, 0.0, f"onnxruntime: {ort_error_line(exc)}")
+    return compare(reference, outputs, config.accuracy.exact_tolerance, budget)
+
+
+def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Feeds with every dynamic dim at another size (1 -> 2, n -> n // 2), or None if static."""
+    dynamic = dynamic_inputs(skeleton)
+    if not dynamic:
+        return None
+    out = {}
+    for vi in model_inputs(skeleton):
+        value = feeds[vi.name]
+        if vi.name not in dynamic:
+            out[vi.name] = value
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shape = [d if (i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0)
+                 else (2 if d == 1 else max(1, d // 2)) for i, d in enumerate(value.shape)]
+        # reuse the reference values' range: tile/crop the original feed to the new shape
+        idx = tuple(np.arange(n) % max(value.shape[i], 1) for i, n in enumerate(shape))
+        out[vi.name] = value[np.ix_(*idx)] if value.ndim else value
+    return out
+
+
+def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                       config: Config, budget: float = 0.0) -> Validation:
+    """A rewrite must not specialise a dynamic model to the profiled shapes (same tolerance or budget)."""
+    alt = other_shape_feeds(skeleton, feeds)
+    ok = Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
+    if alt is None:
+        return ok
+    try:
+        reference = run(make_session(skeleton, config.target, level="all"), alt)
+    except ort_errors():
+        return ok  # the original itself does not run at other sizes: nothing to keep working
+    result = check_outputs(candidate, alt, reference, config, budget)
+    if result.ok:
+        return result
+    return Validation(False, result.mode, result.threshold, result.max_abs_diff, result.max_relative_diff,
+                      result.min_cosine, f"at other input sizes: {result.reason}")
+
+
+def cached_side_by_side(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
+                        feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15) -> SideBySide:
+    """Side-by-side timing, cached by both models' digests (same seed + cache => same decision)."""
+    key = ctx.cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (), kind="side-by-side")
+    entry = ctx.cache.get(key)
+    if entry is not None:
+        return SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"])
+    side = steady_side_by_side(original, candidate, ctx.feeds if feeds is None else feeds, ctx.config.target, rounds)
+    ctx.cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms,
+                  rounds=side.rounds)
+    return side
+
+
+MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was disturbed
+
+
+def steady_side_by_side(original, candidate, feeds, target, rounds: int = 15, retries: int = 2) -> SideBySide:
+    """Side by side, re-timed (with more rounds) while the A/A pair disagrees implausibly."""
+    side = side_by_side(original, candidate, feeds, target, rounds=rounds)
+    for attempt in range(retries):
+        if side.noise <= MAX_AA_NOISE:
+            break
+        side = side_by_side(original, candidate, feeds, target, rounds=rounds * (attempt + 2))
+    return side
+
+
+def verify_candidate(model, skeleton, candidate, feeds, reference, config, budget, allow_slower) -> Assembly:
+    """The fixed-sequence path: one whole-model candidate, same checks, no per-leaf rollback."""
+    validation = check_outputs(candidate, feeds, reference, config, budget)
+    if validation.ok:
+        validation = check_other_shapes(skeleton, candidate, feeds, config, budget)
+    if not validation.ok:
+        return Assembly(skeleton, False, validation, None, {}, [{"event": "rejected", "why": validation.reason}],
+                        f"the pass sequence changed the outputs ({validation.reason}); the output is the original")
+    side = steady_side_by_side(skeleton, candidate, feeds, config.target)
+    events = [{"event": "side_by_side", **side.to_dict()}]
+    if side.significant() or allow_slower:
+        return Assembly(candidate, True, validation, side, {}, events, f"verified speedup {side.speedup:.3f}x")
+    return Assembly(skeleton, False, validation, side, {}, events,
+                    f"the pass sequence was not faster ({side.speedup:.3f}x, A/A noise {side.noise:.3f}); "
+                    "the output is the original (use --allow-slower to keep it)")
+
+
+def finalize(assembly: Assembly, report: dict, tree: PartitionTree | None):
+    from adaptopt.adapt.loop import OptimizeResult
+    side = assembly.side
+    latency = {"original": side.original_ms if side else None,
+               "optimized": (side.candidate_ms if assembly.improved else side.original_ms) if side else None}
+    speedup = side.speedup if (side and assembly.improved) else 1.0
+    accuracy = {"max_abs_diff": assembly.validation.max_abs_diff, "min_cosine": assembly.validation.min_cosine}
+    return OptimizeResult(assembly.model, assembly.improved, speedup, latency, accuracy, report, tree,
+                          assembly.leaf_models)

@@ -1,0 +1,87 @@
+"""On-disk measurement cache: (subgraph content hash, target, pass sequence) -> outcome.
+
+Revisiting a state costs nothing, and a rerun with the same seed and cache makes
+the same decisions (hence the same output bytes). One JSON-lines file per cache
+folder; appends are line-atomic, a truncated last line (interrupted run) is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+from adaptopt.config import TargetConfig
+from adaptopt.policy.search import Outcome
+
+
+def default_cache_dir(configured: str | None = None) -> Path:
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("ADAPTOPT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptopt"
+
+
+def target_fingerprint(target: TargetConfig) -> str:
+    """What a timing depends on besides the graph: machine, runtime, providers, threads."""
+    import onnxruntime as ort
+    cpu = _cpu_model()
+    text = "|".join([platform.machine(), cpu, str(os.cpu_count()), ort.__version__,
+                     ",".join(target.execution_providers), str(target.threads)])
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class MeasurementCache:
+    def __init__(self, directory: Path | None, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.path = None if directory is None else Path(directory) / "measurements.jsonl"
+        self.entries: dict[str, dict] = {}
+        self.hits = 0
+        if self.path is not None and self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupted run
+                if isinstance(entry, dict) and "key" in entry:
+                    self.entries[entry["key"]] = entry
+
+    def key(self, content_hash: str, sequence: tuple[str, ...], kind: str = "subgraph") -> str:
+        return f"{kind}:{self.fingerprint}:{content_hash}:{'/'.join(sequence)}"
+
+    def get(self, key: str) -> dict | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.hits += 1
+        return entry
+
+    def put(self, key: str, **values) -> None:
+        entry = {"key": key, **values}
+        self.entries[key] = entry
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def put_outcome(self, key: str, outcome: Outcome, **extra) -> None:
+        self.put(key, time_ms=outcome.time_ms, valid=outcome.valid, bytes=outcome.bytes, reason=outcome.reason,
+                 **extra)

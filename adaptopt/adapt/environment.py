@@ -1,0 +1,200 @@
+"""The real environment of one subgraph: rewrite, validate against captured outputs, time.
+
+Implements :class:`adaptopt.policy.search.Environment`. A pass sequence is applied
+to the original subgraph (prefixes are memoised, so ``(a, b)`` reuses ``(a,)``),
+the result is run on the subgraph's captured boundary inputs and compared with the
+captured boundary outputs (exact tolerance, or the cosine budget once a lossy pass
+is in the sequence), then timed on the target. A rewrite that raises, fails the
+checker or changes outputs is an invalid outcome — the reverted step the policy is
+penalised for — never an exception out of the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+import onnx
+
+from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.config import AccuracyConfig
+from adaptopt.policy.search import Outcome
+from adaptopt.policy.state import State, encode
+from adaptopt.validate import Validation, compare
+
+
+class Measurer(Protocol):
+    def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of ``model`` on the target (raises on failure)."""
+
+    def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> "TimingLike":
+        """Median (and spread) of the model's latency on the target."""
+
+
+class TimingLike(Protocol):
+    median_ms: float
+    spread_ms: float
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the classifier says about a (rewritten) subgraph."""
+
+    bound: str
+    performance: float | None
+    bytes: float
+
+
+Classifier = Callable[[onnx.ModelProto, Mapping[str, np.ndarray], float], Features]
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    return hashlib.blake2b(model.SerializeToString(deterministic=True), digest_size=16).hexdigest()
+
+
+@dataclass
+class Step:
+    model: onnx.ModelProto | None
+    error: str = ""
+    lossy: bool = False
+
+
+@dataclass
+class SubgraphEnv:
+    leaf_id: str
+    model: onnx.ModelProto
+    content_hash: str
+    feeds: Mapping[str, np.ndarray]
+    reference: Mapping[str, np.ndarray]
+    passes: list  # adaptopt.passes.base.Pass instances (enabled, in library order)
+    context: object  # adaptopt.passes.base.PassContext
+    measurer: Measurer
+    cache: MeasurementCache
+    accuracy: AccuracyConfig
+    classify: Classifier
+    op_times_ms: dict[str, float] | None = None
+    _steps: dict[tuple[str, ...], Step] = field(default_factory=dict)
+    _outcomes: dict[tuple[str, ...], Outcome] = field(default_factory=dict)
+    _features: dict[tuple[str, ...], Features] = field(default_factory=dict)
+    _validations: dict[tuple[str, ...], Validation] = field(default_factory=dict)
+    _actions: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    _measured: int = 0
+    noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
+    pass_errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._steps[()] = Step(self.model)
+        self._by_name = {p.name: p for p in self.passes}
+        self._op_types = [n.op_type for n in self.model.graph.node]
+
+    # ------------------------------------------------------------ Environment API
+    @property
+    def measurements(self) -> int:
+        """Distinct sequences this search asked for (what it paid, cache hits included)."""
+        return len(self._outcomes)
+
+    @property
+    def fresh_measurements(self) -> int:
+        """Of those, the ones actually run on the target (not read from the cache)."""
+        return self._measured
+
+    def category(self, action: str) -> str:
+        return self._by_name[action].category
+
+    def actions(self, sequence: tuple[str, ...]) -> list[str]:
+        if sequence not in self._actions:
+            step = self.step(sequence)
+            names = []
+            if step.model is not None:
+                for p in self.passes:
+                    if p.name not in sequence and p.applies(step.model, self.context).ok:
+                        names.append(p.name)
+            self._actions[sequence] = names
+        return self._actions[sequence]
+
+    def state(self, sequence: tuple[str, ...]) -> State:
+        features = self.features(sequence)
+        last = sequence[-1] if sequence else "none"
+        return encode(len(self.model.graph.node), features.bound, self._op_types, features.performance, last,
+                      self.op_times_ms)
+
+    def evaluate(self, sequence: tuple[str, ...]) -> Outcome:
+        if sequence in self._outcomes:
+            return self._outcomes[sequence]
+        key = self.cache.key(self.content_hash, sequence)
+        entry = self.cache.get(key)
+        if entry is not None:
+            outcome = Outcome(entry["time_ms"], entry["valid"], entry.get("bytes", 0.0), entry.get("reason", ""))
+            self.noise = max(self.noise, entry.get("noise") or 0.0)
+        else:
+            outcome = self._measure(sequence)
+            self.cache.put_outcome(key, outcome, leaf=self.leaf_id, noise=self.noise if not sequence else None)
+        self._outcomes[sequence] = outcome
+        return outcome
+
+    # ------------------------------------------------------------ internals
+    def step(self, sequence: tuple[str, ...]) -> Step:
+        """The model after ``sequence`` (memoised by prefix); model None when a pass failed."""
+        if sequence in self._steps:
+            return self._steps[sequence]
+        parent = self.step(sequence[:-1])
+        name = sequence[-1]
+        if parent.model is None:
+            result = Step(None, parent.error, parent.lossy)
+        else:
+            result = self._apply(parent, name)
+        self._steps[sequence] = result
+        return result
+
+    def _apply(self, parent: Step, name: str) -> Step:
+        p = self._by_name[name]
+        try:
+            res = p.apply(parent.model, self.context)
+        except Exception as exc:  # noqa: BLE001 - passes wrap third-party tools (ORT quantizer, transformers
+            # fusions) that raise arbitrary types; one pass failing on one subgraph is a measured outcome
+            # (reverted, penalised, listed in the report's pass_errors), not a reason to abort the run.
+            message = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.pass_errors.append(message)
+            return Step(None, message)
+        return Step(res.model, "", parent.lossy or p.guarantee == "lossy")
+
+    def _measure(self, sequence: tuple[str, ...]) -> Outcome:
+        from adaptopt.runtime import ort_error_line, ort_errors
+        step = self.step(sequence)
+        if step.model is None:
+            return Outcome(math.inf, False, 0.0, step.error)
+        self._measured += 1
+        try:
+            outputs = self.measurer.run(step.model, self.feeds)
+        except ort_errors() as exc:
+            return Outcome(math.inf, False, 0.0, f"onnxruntime: {ort_error_line(exc)}")
+        budget = self.accuracy.budget if step.lossy else 0.0
+        validation = compare(self.reference, outputs, self.accuracy.exact_tolerance, budget)
+        self._validations[sequence] = validation
+        if not validation.ok:
+            return Outcome(math.inf, False, 0.0, validation.reason)
+        timing = self.measurer.time(step.model, self.feeds)
+        features = self.classify(step.model, self.feeds, timing.median_ms)
+        self._features[sequence] = features
+        if not sequence:
+            self.noise = max(self.noise, timing.spread_ms / max(timing.median_ms, 1e-9))
+        return Outcome(timing.median_ms, True, features.bytes)
+
+    def features(self, sequence: tuple[str, ...]) -> Features:
+        if sequence not in self._features:
+            outcome = self.evaluate(sequence)
+            step = self.step(sequence)
+            if outcome.valid and step.model is not None:
+                self._features[sequence] = self.classify(step.model, self.feeds, outcome.time_ms)
+            else:
+                self._features[sequence] = Features("unknown", None, 0.0)
+        return self._features[sequence]
+
+    def validation(self, sequence: tuple[str, ...]) -> Validation | None:
+        return self._validations.get(sequence)
+
+    def is_lossy(self, sequence: tuple[str, ...]) -> bool:
+        return self.step(sequence).lossy

@@ -1,0 +1,176 @@
+"""The optimize loop of DESIGN.md: partition, capture, search per leaf, adapt, merge, verify.
+
+Nothing here decides how a subgraph is rewritten or timed; it sequences the stages
+and keeps the promise: the written model is never slower or less accurate than the
+input unless ``allow_slower`` says so — when nothing helps, the original is returned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+from adaptopt.adapt.assemble import assemble, finalize
+from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
+from adaptopt.adapt.granularity import adapt_round, search_leaves
+from adaptopt.adapt.session import InProcessMeasurer, RunContext, make_classifier, select_passes, split_by_scope
+from adaptopt.config import Config
+from adaptopt.graph.capture import capture, make_inputs
+from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.partition import PartitionTree, partition
+from adaptopt.policy.qtable import QTable
+from adaptopt.policy.search import QSettings, RewardWeights
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    passes: tuple[str, ...] | None = None  # a fixed sequence for the whole model (no policy)
+    accuracy_budget: float | None = None  # overrides config.accuracy.budget
+    seed: int | None = None
+    budget_s: float | None = None
+    qtable: str | None = None
+    allow_slower: bool = False
+    progress: Progress | None = None
+    log: Callable[[str], None] | None = None
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    improved: bool
+    speedup: float
+    latency_ms: dict
+    accuracy: dict
+    report: dict
+    tree: PartitionTree | None = None
+    leaf_models: dict[str, onnx.ModelProto] = field(default_factory=dict)
+
+
+class StageClock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.monotonic()
+        self._stage: str | None = None
+        self._t0 = self._start
+
+    def stage(self, name: str) -> None:
+        now = time.monotonic()
+        if self._stage is not None:
+            self.seconds[self._stage] = round(self.seconds.get(self._stage, 0.0) + now - self._t0, 3)
+        self._stage, self._t0 = name, now
+
+    def total(self) -> float:
+        return time.monotonic() - self._start
+
+
+def q_settings(config: Config, epochs: int | None = None) -> QSettings:
+    p = config.policy
+    return QSettings(epochs=p.RL_training_epochs if epochs is None else epochs, learning_rate=p.learning_rate,
+                     discount=p.discount, epsilon_start=p.epsilon_start, epsilon_end=p.epsilon_end,
+                     max_sequence=p.max_sequence, weights=RewardWeights(p.bandwidth_weight, p.failure_penalty),
+                     optimistic_init=p.optimistic_init)
+
+
+def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Config,
+                   options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
+    """Optimize ``model`` (dims pinned) and return a model with ``skeleton``'s signature."""
+    clock = StageClock()
+    say = options.log or (lambda message: None)
+    budget = config.accuracy.budget if options.accuracy_budget is None else options.accuracy_budget
+    seed = config.policy.seed if options.seed is None else options.seed
+    budget_s = config.budget.seconds if options.budget_s is None else options.budget_s
+    deadline = time.monotonic() + 0.75 * budget_s  # the rest is kept for merge + verification
+
+    clock.stage("capture")
+    feeds = make_inputs(model, config)
+    index = GraphIndex.build(model)
+    outputs = [o.name for o in model.graph.output]
+    reference = {k: v for k, v in capture(model, feeds, outputs, config.target).items() if k in outputs}
+    if options.passes:
+        return _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock)
+
+    clock.stage("calibrate")
+    from adaptopt.profile.calibrate import machine_profile
+    machine = machine_profile(config.target, config.policy.cache_dir)
+    leaf_passes, model_passes = split_by_scope(select_passes(config, None, budget))
+    ctx = RunContext(config, index, feeds, leaf_passes,
+                     MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target)),
+                     InProcessMeasurer(config), make_classifier(machine), budget, model_passes=model_passes,
+                     deadline=deadline)
+    ctx.values.update(feeds)
+    ctx.node_times_ms = _node_times(model, feeds, config)
+
+    clock.stage("partition")
+    tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
+    leaves = tree.leaves()
+    say(f"{len(index)} nodes in {len(leaves)} leaves; {len(ctx.passes)} subgraph passes, "
+        f"{len(ctx.model_passes)} model-level; budget {budget_s:.0f}s")
+
+    clock.stage("policy")
+    table = QTable.load_or_new(options.qtable or config.policy.qtable)
+    settings = q_settings(config)
+    _progress(options, "profile + policy", 0, len(leaves))
+    plans = {p.env.leaf_id: p for p in search_leaves(ctx, [ctx.env_for(s) for s in leaves], table, settings, seed)}
+    _progress(options, "profile + policy", len(leaves), len(leaves))
+
+    clock.stage("granularity")
+    history: list[dict] = []
+    adapt_settings = q_settings(config, epochs=max(2, settings.epochs // 2))
+    for round_no in range(config.granularity.max_rounds):
+        if ctx.expired():
+            history.append({"action": "stop", "reason": "time budget spent", "round": round_no})
+            break
+        changes = adapt_round(ctx, tree, plans, table, adapt_settings, seed, config.granularity)
+        history.extend(dict(change, round=round_no) for change in changes)
+        if not any(c["kept"] for c in changes):
+            break
+
+    clock.stage("merge + verify")
+    assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say)
+    clock.stage("done")
+    measurements = sum(p.env.measurements for p in plans.values())
+    table.meta.update({"last_model": model.graph.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if options.qtable or config.policy.qtable:
+        table.save(options.qtable or config.policy.qtable)
+    from adaptopt.report.optimize import build_report
+    report = build_report(model, config, machine, tree, plans, history, assembly, clock.seconds, budget, seed,
+                          measurements, ctx.cache.hits)
+    return finalize(assembly, report, tree)
+
+
+def _node_times(model: onnx.ModelProto, feeds, config: Config) -> dict[str, float]:
+    """Per-node times of the whole model from ORT's profiler (weights for subdivision)."""
+    if not config.profiling.per_node:
+        return {}
+    from adaptopt.profile.runner import measure
+    measurement = measure(model, feeds, config, counters=False, per_node=True)
+    return dict(measurement.node_times_ms or {})
+
+
+def _progress(options: OptimizeOptions, stage: str, done: int, total: int) -> None:
+    if options.progress is not None:
+        options.progress(stage, done, total)
+
+
+def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock) -> OptimizeResult:
+    """``--passes a,b,c``: the static baseline, applied to the whole model and verified."""
+    from adaptopt.adapt.assemble import verify_candidate
+    from adaptopt.passes.base import PassContext
+    from adaptopt.passes.registry import run_sequence
+    clock.stage("passes")
+    ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=budget, seed=config.policy.seed)
+    candidate, results = run_sequence(model, list(options.passes), ctx)
+    lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
+    clock.stage("verify")
+    assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,
+                                options.allow_slower)
+    clock.stage("done")
+    from adaptopt.report.optimize import fixed_sequence_report
+    report = fixed_sequence_report(model, config, list(options.passes), results, assembly, clock.seconds, budget)
+    return finalize(assembly, report, None)
+

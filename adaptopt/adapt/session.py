@@ -1,0 +1,114 @@
+"""Everything one optimize run shares: inputs, captured activations, measurer, cache, passes.
+
+Building a :class:`SubgraphEnv` for any range of the graph goes through here, so the
+initial leaves, subdivided children and merged pairs are all measured the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.adapt.environment import Features, SubgraphEnv
+from adaptopt.config import Config
+from adaptopt.errors import InputError
+from adaptopt.graph.capture import capture
+from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.partition import Subgraph
+from adaptopt.graph.subgraph import extract_range
+from adaptopt.runtime import make_session, run
+
+
+class InProcessMeasurer:
+    """Runs and times subgraphs in this process (one session each, shared thread pool)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run(make_session(model, self.config.target, level="all"), feeds)
+
+    def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
+        from adaptopt.profile.runner import time_model
+        return time_model(model, dict(feeds), self.config.target, self.config.profiling, level="all")
+
+
+def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) -> list:
+    """Enabled passes in library order; lossy ones only with a budget > 0."""
+    from adaptopt.passes.registry import all_passes, get_pass
+    if names:
+        return [get_pass(n) for n in names]
+    library = all_passes()
+    known = {p.name for p in library}
+    for name in tuple(config.passes.enabled) + tuple(config.passes.disabled):
+        if name not in known:
+            raise InputError(f"{config.source}: passes: unknown pass '{name}' (see 'adaptopt passes')")
+    chosen = [p for p in library if (not config.passes.enabled or p.name in config.passes.enabled)
+              and p.name not in config.passes.disabled]
+    return [p for p in chosen if p.guarantee == "exact" or budget > 0]
+
+
+def split_by_scope(passes: list) -> tuple[list, list]:
+    """(passes searched per subgraph, passes decided once on the merged model)."""
+    return [p for p in passes if p.scope != "model"], [p for p in passes if p.scope == "model"]
+
+
+@dataclass
+class RunContext:
+    config: Config
+    index: GraphIndex
+    feeds: dict[str, np.ndarray]
+    passes: list
+    cache: MeasurementCache
+    measurer: object
+    classify: Callable[[onnx.ModelProto, Mapping[str, np.ndarray], float], Features]
+    accuracy_budget: float
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    model_passes: list = field(default_factory=list)
+    deadline: float = float("inf")
+    node_times_ms: dict[str, float] = field(default_factory=dict)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def ensure_captured(self, names: list[str]) -> None:
+        """Record any boundary tensors not captured yet (one extra reference run)."""
+        missing = [n for n in dict.fromkeys(names) if n not in self.values and n not in self.index.initializers]
+        if missing:
+            self.values.update(capture(self.index.model, self.feeds, missing, self.config.target))
+
+    def env_for(self, sub: Subgraph) -> SubgraphEnv:
+        from adaptopt.passes.base import PassContext
+        self.ensure_captured(list(sub.boundary_inputs) + list(sub.boundary_outputs))
+        model = extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}")
+        feeds = {n: self.values[n] for n in sub.boundary_inputs}
+        reference = {n: self.values[n] for n in sub.boundary_outputs}
+        ctx = PassContext(target=self.config.target, feeds=feeds, accuracy_budget=self.accuracy_budget,
+                          seed=self.config.policy.seed)
+        op_times: dict[str, float] = {}
+        for name in sub.node_names:
+            if name in self.node_times_ms:
+                node = self.index.nodes[sub.start + sub.node_names.index(name)]
+                op_times[node.op_type] = op_times.get(node.op_type, 0.0) + self.node_times_ms[name]
+        return SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
+                           self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
+                                                                      self.accuracy_budget),
+                           self.classify, op_times or None)
+
+
+def make_classifier(machine) -> Callable[[onnx.ModelProto, Mapping[str, np.ndarray], float], Features]:
+    """Bound class, roofline performance and bytes of a (rewritten) subgraph from its measured time."""
+    from adaptopt.profile.classify import classify
+    from adaptopt.profile.cost_model import estimate
+
+    def classify_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], median_ms: float) -> Features:
+        cost = estimate(model, {k: tuple(v.shape) for k, v in feeds.items()})
+        verdict = classify(cost, median_ms, machine)
+        return Features(verdict.bound, verdict.performance, float(cost.bytes))
+
+    return classify_model

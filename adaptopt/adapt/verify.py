@@ -1,0 +1,77 @@
+"""End-to-end verification: the merged model against the original, side by side.
+
+Accuracy: the whole model's outputs against the original's on the reference inputs.
+Speed: original, a second session of the original (A/A: the noise band) and the
+candidate, interleaved round-robin in one process on one shared thread pool; the
+medians give the speedup, and a gain counts only when it exceeds the A/A noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from adaptopt.config import TargetConfig
+from adaptopt.runtime import make_session
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    original_ms: float
+    candidate_ms: float
+    aa_ms: float  # the original again, in its own session
+    rounds: int
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.candidate_ms
+
+    @property
+    def noise(self) -> float:
+        """Relative A/A difference of the same model timed twice."""
+        return abs(math.log(self.original_ms / self.aa_ms))
+
+    def significant(self, floor: float = 0.01) -> bool:
+        """The candidate is faster by more than the noise band (and at least ``floor``)."""
+        return math.log(self.speedup) > max(2.0 * self.noise, floor)
+
+    def to_dict(self) -> dict:
+        return {"original_ms": round(self.original_ms, 5), "optimized_ms": round(self.candidate_ms, 5),
+                "aa_ms": round(self.aa_ms, 5), "speedup": round(self.speedup, 4),
+                "noise": round(self.noise, 4), "rounds": self.rounds}
+
+
+def interleaved_medians(models: Mapping[str, onnx.ModelProto | bytes | str], feeds: Mapping[str, np.ndarray],
+                        target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
+                        max_seconds: float = 60.0) -> dict[str, float]:
+    """Median latency (ms) of each model, timed round-robin so drift hits all alike."""
+    sessions = {name: make_session(m, target, level="all") for name, m in models.items()}
+    inputs = {name: {i.name: feeds[i.name] for i in s.get_inputs()} for name, s in sessions.items()}
+    for name, session in sessions.items():  # warm-up
+        for _ in range(2):
+            session.run(None, inputs[name])
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    deadline = time.perf_counter() + max_seconds
+    for r in range(rounds):
+        order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
+        for name in order:
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                sessions[name].run(None, inputs[name])
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > deadline and r >= 2:
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def side_by_side(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                 target: TargetConfig, rounds: int = 15, max_seconds: float = 60.0) -> SideBySide:
+    medians = interleaved_medians({"original": original, "aa": original, "candidate": candidate}, feeds, target,
+                                  rounds=rounds, max_seconds=max_seconds)
+    return SideBySide(medians["original"], medians["candidate"], medians["aa"], rounds)

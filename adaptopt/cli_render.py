@@ -1,0 +1,43 @@
+"""Rendering helpers for the CLI: summaries, report files, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from adaptopt.errors import InputError
+from adaptopt.graph.io import atomic_path
+
+
+def optimize_summary(result, output: str, report_path: str | None) -> dict:
+    r = result.report["result"]
+    return {"speedup": result.speedup, "improved": result.improved,
+            "latency_ms": result.latency_ms, "accuracy": result.accuracy,
+            "output": output, "report": report_path, "message": r["message"]}
+
+
+def write_report(report: dict, path: str) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        text = json.dumps(report, indent=1, default=str)
+    elif suffix in (".md", ".markdown"):
+        from adaptopt.report.optimize import render_markdown
+        text = render_markdown(report)
+    else:
+        raise InputError(f"--report {path}: use a .json or .md file name")
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def progress_printer():
+    """A progress callback that prints stage lines to stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(stage: str, done: int, total: int) -> None:
+        click.echo(f"\r{stage}: {done}/{total}", err=True, nl=done >= total)
+
+    return show

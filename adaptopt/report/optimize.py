@@ -1,0 +1,154 @@
+"""The optimize report: every decision, what it was based on, and the verified result.
+
+JSON (versioned, for pipelines) and Markdown (the same content as tables). Every
+time in it was measured on this machine in this run or read back from the
+measurement cache of an earlier run on the same target (``cache_hits`` says how many).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+from tabulate import tabulate
+
+OPTIMIZE_SCHEMA_VERSION = "1.0"
+
+
+def _round(value, digits: int = 5):
+    if value is None:
+        return None
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return None
+    return round(float(value), digits)
+
+
+def _machine(machine) -> dict:
+    return {"peak_gflops": _round(machine.peak_gflops, 2), "bandwidth_gbs": _round(machine.bandwidth_gbs, 2),
+            "session_overhead_ms": _round(machine.session_overhead_ms, 5), "fingerprint": machine.fingerprint}
+
+
+def _result(assembly) -> dict:
+    side = assembly.side
+    return {
+        "improved": assembly.improved,
+        "message": assembly.message,
+        "speedup": _round(side.speedup if (side and assembly.improved) else 1.0, 4),
+        "latency_ms": {"original": _round(side.original_ms) if side else None,
+                       "optimized": _round(side.candidate_ms if assembly.improved else side.original_ms)
+                       if side else None},
+        "aa_noise": _round(side.noise, 4) if side else None,
+        "accuracy": {"max_abs_diff": _round(assembly.validation.max_abs_diff, 8),
+                     "min_cosine": _round(assembly.validation.min_cosine, 8),
+                     "mode": assembly.validation.mode, "ok": assembly.validation.ok},
+    }
+
+
+def _leaf(sub, plan, accepted: dict) -> dict:
+    env, res = plan.env, plan.result
+    features = env.features(res.sequence)
+    base = env.features(())
+    validation = env.validation(res.sequence)
+    ops = Counter(n.op_type for n in env.model.graph.node)
+    chosen = next((d for d in reversed(res.decisions) if "final" in d), {})
+    return {
+        "id": sub.id, "parent": sub.parent, "nodes": sub.node_count, "range": [sub.start, sub.stop],
+        "op_types": dict(ops.most_common(6)),
+        "baseline_ms": _round(res.baseline.time_ms), "best_ms": _round(res.outcome.time_ms),
+        "speedup": _round(res.speedup, 4), "noise": _round(env.noise, 4),
+        "sequence": list(res.sequence), "chosen_by": chosen.get("chosen_by"),
+        "accepted": sub.id in accepted,
+        "bound": base.bound, "performance": _round(base.performance, 4),
+        "bound_after": features.bound, "performance_after": _round(features.performance, 4),
+        "validation": validation.to_dict() if validation else None,
+        "measurements": env.measurements, "pass_errors": env.pass_errors,
+        "decisions": res.decisions,
+    }
+
+
+def learning_curve(plans) -> list[float]:
+    """Mean episode reward per epoch over the leaves trained from the start."""
+    curves = [p.result.curve for p in plans.values() if p.result.curve]
+    if not curves:
+        return []
+    epochs = max(len(c) for c in curves)
+    return [round(sum(c[e] for c in curves if e < len(c)) / sum(1 for c in curves if e < len(c)), 5)
+            for e in range(epochs)]
+
+
+def build_report(model: onnx.ModelProto, config, machine, tree, plans, history, assembly, stages, budget, seed,
+                 measurements, cache_hits) -> dict:
+    leaves = [(s, plans[s.id]) for s in tree.leaves() if s.id in plans]
+    return {
+        "schema_version": OPTIMIZE_SCHEMA_VERSION,
+        "kind": "optimize",
+        "model": {"name": model.graph.name, "nodes": len(model.graph.node)},
+        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads},
+        "machine": _machine(machine),
+        "settings": {"seed": seed, "accuracy_budget": budget, "initial_granularity": config.granularity.initial_granularity,
+                     "epochs": config.policy.RL_training_epochs, "max_sequence": config.policy.max_sequence,
+                     "passes": [p.name for p in leaves[0][1].env.passes] if leaves else []},
+        "result": _result(assembly),
+        "leaves": [_leaf(s, p, assembly.accepted) for s, p in leaves],
+        "granularity_history": history,
+        "learning_curve": learning_curve(plans),
+        "events": assembly.events,
+        "stages_s": stages,
+        "measurements": measurements,
+        "cache_hits": cache_hits,
+        "policy_comparison": "greedy/random/oracle at the same budget: make bench SECTION=learning",
+    }
+
+
+def fixed_sequence_report(model, config, passes, results, assembly, stages, budget) -> dict:
+    return {
+        "schema_version": OPTIMIZE_SCHEMA_VERSION,
+        "kind": "optimize-fixed-sequence",
+        "model": {"name": model.graph.name, "nodes": len(model.graph.node)},
+        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads},
+        "settings": {"passes": passes, "accuracy_budget": budget},
+        "passes": [{"name": name, "modified": r.modified, "changes": r.changes} for name, r in zip(passes, results)],
+        "result": _result(assembly),
+        "events": assembly.events,
+        "stages_s": stages,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    r = report["result"]
+    lines = [f"# adaptopt optimize report — {report['model']['name']}", "",
+             f"**{r['message']}**", "",
+             tabulate([["speedup (verified, side by side)", r["speedup"]],
+                       ["latency original (ms)", r["latency_ms"]["original"]],
+                       ["latency optimized (ms)", r["latency_ms"]["optimized"]],
+                       ["A/A noise (log ratio)", r["aa_noise"]],
+                       ["max abs diff", r["accuracy"]["max_abs_diff"]],
+                       ["min cosine", r["accuracy"]["min_cosine"]]], headers=["", "value"], tablefmt="github"), ""]
+    if report.get("machine"):
+        m = report["machine"]
+        lines += [f"Machine: {m['peak_gflops']} GFLOP/s peak, {m['bandwidth_gbs']} GB/s, session overhead "
+                  f"{m['session_overhead_ms']} ms ({m['fingerprint']}).", ""]
+    if report.get("leaves"):
+        rows = [[x["id"], x["nodes"], ", ".join(list(x["op_types"])[:3]), x["bound"], x["performance"],
+                 x["baseline_ms"], x["best_ms"], x["speedup"], " → ".join(x["sequence"]) or "—",
+                 "yes" if x["accepted"] else "no", x["measurements"]] for x in report["leaves"]]
+        lines += ["## Leaves", "", tabulate(rows, headers=["leaf", "nodes", "ops", "bound", "perf", "base ms",
+                                                             "best ms", "speedup", "passes", "kept", "meas."],
+                                            tablefmt="github"), ""]
+    if report.get("passes"):
+        rows = [[p["name"], p["modified"], p["changes"].get("rewrites", p["changes"].get("reason", ""))]
+                for p in report["passes"]]
+        lines += ["## Passes", "", tabulate(rows, headers=["pass", "modified", "rewrites / reason"],
+                                            tablefmt="github"), ""]
+    if report.get("granularity_history"):
+        rows = [[h.get("round"), h["action"], h.get("leaf") or h.get("into") or "", h.get("gain_ms_before"),
+                 h.get("gain_ms_after"), h.get("kept")] for h in report["granularity_history"]]
+        lines += ["## Granularity", "", tabulate(rows, headers=["round", "action", "leaf", "gain before (ms)",
+                                                                "gain after (ms)", "kept"], tablefmt="github"), ""]
+    if report.get("learning_curve"):
+        lines += ["## Learning curve (mean reward per epoch)", "",
+                  " ".join(f"{v:+.3f}" for v in report["learning_curve"]), ""]
+    if report.get("stages_s"):
+        lines += ["## Time per stage (s)", "", tabulate(sorted(report["stages_s"].items()), headers=["stage", "s"],
+                                                        tablefmt="github"), ""]
+    return "\n".join(lines)

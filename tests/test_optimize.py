@@ -1,0 +1,140 @@
+"""`adaptopt optimize`: the promise (never broken, never slower), gates, reports, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from adaptopt import api
+from adaptopt.cli import cli
+from adaptopt.config import Config, InputSpec, ProfilingConfig
+from adaptopt.graph.capture import make_inputs
+from adaptopt.graph.io import save_model
+from adaptopt.policy.qtable import QTable
+from adaptopt.validate import compare
+from tests.conftest import BERT_INPUTS, run_model
+
+FAST_YAML = """
+granularity: {initial_granularity: 1, min_nodes: 3, max_rounds: 1}
+profiling: {warmup: 1, iterations: 5, min_time_s: 0.0, max_time_s: 0.2, per_node: true}
+policy: {RL_training_epochs: 2, max_sequence: 2}
+budget: {seconds: 120}
+"""
+
+
+@pytest.fixture
+def fast_config(tmp_path) -> Config:
+    return Config(granularity=Config().granularity.__class__(initial_granularity=1, min_nodes=3, max_rounds=1),
+                  profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2),
+                  policy=Config().policy.__class__(RL_training_epochs=2, max_sequence=2,
+                                                   cache_dir=str(tmp_path / "cache")))
+
+
+def _check_promise(original: onnx.ModelProto, result, config: Config, budget: float = 0.0) -> None:
+    feeds = make_inputs(original, config)
+    validation = compare(run_model(original, feeds), run_model(result.model, feeds), 1e-4, budget)
+    assert validation.ok, validation.reason
+    assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in original.graph.output]
+    onnx.checker.check_model(result.model)
+    if result.improved:
+        assert result.speedup > 1.0
+    else:
+        assert result.model.SerializeToString() == original.SerializeToString() or result.speedup == 1.0
+
+
+def test_optimize_resnet_lossless(tmp_path, resnet_model, fast_config):
+    path = tmp_path / "resnet.onnx"
+    save_model(resnet_model, path)
+    result = api.optimize(path, fast_config)
+    _check_promise(resnet_model, result, fast_config)
+    report = result.report
+    assert report["kind"] == "optimize" and report["leaves"]
+    for leaf in report["leaves"]:
+        assert leaf["baseline_ms"] > 0 and leaf["measurements"] >= 1
+        assert all(p in report["settings"]["passes"] for p in leaf["sequence"])
+    assert not any(p for p in report["settings"]["passes"] if p in ("quantize_dynamic", "quantize_static_qdq"))
+    assert report["result"]["latency_ms"]["original"] > 0
+    assert set(report["stages_s"]) >= {"capture", "policy", "merge + verify"}
+
+
+def test_optimize_bert_keeps_dynamic_signature(tmp_path, bert_model, fast_config):
+    path = tmp_path / "bert.onnx"
+    save_model(bert_model, path)
+    config = fast_config.replace(inputs=dict(BERT_INPUTS))
+    result = api.optimize(path, config)
+    dims = [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    _check_promise(bert_model, result, config)
+    # still correct at another sequence length than the one it was tuned at
+    other = Config(inputs={k: InputSpec(shape=(2, 16), dtype=v.dtype, values=v.values, value_range=v.value_range)
+                           for k, v in BERT_INPUTS.items()})
+    feeds = make_inputs(bert_model, other)
+    assert compare(run_model(bert_model, feeds), run_model(result.model, feeds), 1e-4).ok
+
+
+def test_lossy_passes_only_with_budget(tmp_path, bert_model, fast_config):
+    path = tmp_path / "bert.onnx"
+    save_model(bert_model, path)
+    config = fast_config.replace(inputs=dict(BERT_INPUTS))
+    result = api.optimize(path, config, accuracy_budget=0.99)
+    assert any(p.startswith("quantize") for p in result.report["settings"]["passes"])
+    _check_promise(bert_model, result, config, budget=0.99)
+    assert result.accuracy["min_cosine"] >= 0.99
+
+
+def test_cli_json_report_gate_and_policy(tmp_path, resnet_model):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    before = path.read_bytes()
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text(FAST_YAML.replace("max_sequence: 2}", f"max_sequence: 2, cache_dir: '{tmp_path / 'c'}'}}"))
+    out, rep, q = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "q.json"
+    args = ["optimize", str(path), "--config", str(cfg), "-o", str(out), "--report", str(rep), "--policy", str(q),
+            "--json", "--require-speedup", "1000"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3, result.output  # a 1000x gate is never met ...
+    assert out.exists() and path.read_bytes() == before  # ... but the model is written, the input untouched
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"speedup", "latency_ms", "accuracy", "output", "report"} <= set(summary)
+    assert {"original", "optimized"} <= set(summary["latency_ms"])
+    assert {"max_abs_diff", "min_cosine"} <= set(summary["accuracy"])
+    assert json.loads(rep.read_text())["schema_version"]
+    assert QTable.load(q).values  # the table was trained and saved
+    md = tmp_path / "r.md"
+    result = CliRunner().invoke(cli, ["optimize", str(path), "--config", str(cfg), "-o", str(out), "--report", str(md)])
+    assert result.exit_code == 0 and md.read_text().startswith("# adaptopt optimize report")
+
+
+def test_same_seed_and_cache_give_identical_bytes(tmp_path, resnet_model, fast_config):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    first = api.optimize(path, fast_config, seed=3)
+    second = api.optimize(path, fast_config, seed=3)
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    assert second.report["cache_hits"] > 0
+    assert [x["sequence"] for x in first.report["leaves"]] == [x["sequence"] for x in second.report["leaves"]]
+
+
+def test_fixed_pass_sequence(tmp_path, resnet_model, fast_config):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    result = api.optimize(path, fast_config, passes=["fuse_conv_bn"], allow_slower=True)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "BatchNormalization" not in ops
+    _check_promise(resnet_model, result, fast_config)
+    assert result.report["kind"] == "optimize-fixed-sequence"
+
+
+def test_unknown_pass_and_stdout_conflict_exit_2(tmp_path, resnet_model):
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    result = CliRunner().invoke(cli, ["optimize", str(path), "--passes", "no_such_pass", "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2 and "no_such_pass" in result.output
+    assert not (tmp_path / "o.onnx").exists()
+    result = CliRunner().invoke(cli, ["optimize", str(path), "-o", "-", "--json"])
+    assert result.exit_code == 2
+
