@@ -1,31 +1,44 @@
 """Model I/O: read from a path or stdin, external data in and out, atomic writes.
 
-Loading runs the ONNX checker and shape inference and pins dynamic dims from the
-config. External-data locations are checked before any file is opened: absolute
-paths, ``..`` and symlinks that leave the model's folder are refused, and declared
-tensor sizes are checked against the file before anything is allocated.
+Loading refuses bad input with one :class:`InputError` line before anything else
+looks at it, in this order: empty, unparsable or 2 GiB single files (protobuf also
+refuses messages nested more than 100 levels); graphs nested more than
+``checks.MAX_GRAPH_DEPTH`` levels; names that are not printable text; opsets and
+operators the installed ONNX Runtime does not implement; duplicate, undefined or
+cyclic tensors (nodes stored out of order are sorted); unsafe or inconsistent
+external data (``graph/external.py``: checked before any data file is opened); then
+the ONNX checker and shape inference, and dynamic dims are pinned from the config.
+
+Saving is atomic: a temp file in the target folder renamed onto the target, so an
+interrupted or failed write leaves the previous file (or none) and no temp file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, external_data_helper, helper
 
 from adaptopt.config import Config, InputSpec
 from adaptopt.errors import InputError
-from adaptopt.graph.index import sort_topologically
+from adaptopt.graph.checks import (check_graph_names, check_names_are_text, check_nesting, check_operators,
+                                   check_opsets)
+from adaptopt.graph.external import (  # noqa: F401 - re-exported for the graph modules
+    EXTERNAL_THRESHOLD, TWO_GIB, all_tensors, attach_external_data, byte_size, check_external_data, external_info,
+    light_copy, nested_tensors, on_disk, raw_bytes, set_external, tensor_nbytes, uses_external_data)
 
-TWO_GIB = 2**31
-EXTERNAL_THRESHOLD = 1024  # tensors at least this many bytes go to the side file
+DATA_PROP_MAX_LENGTH = 1 << 16  # ONNX data propagation costs ~200 bytes per element
+
+# Older names, kept for the modules that import them from here.
+_all_tensors, _raw_bytes, _set_external, _tensor_nbytes = all_tensors, raw_bytes, set_external, tensor_nbytes
 
 
 def read_model_bytes_or_path(source: str | Path) -> tuple[bytes | None, Path | None]:
@@ -43,28 +56,53 @@ def read_model_bytes_or_path(source: str | Path) -> tuple[bytes | None, Path | N
     return None, path
 
 
-def load_model(source: str | Path, config: Config | None = None, *, infer: bool = True) -> onnx.ModelProto:
-    """Load, check, shape-infer and pin a model. External data is loaded into memory."""
+def parse_model(source: str | Path, name: str | None = None) -> tuple[onnx.ModelProto, Path | None]:
+    """Parse a model (weights left external) and refuse what is not one, or is nested too deeply."""
     data, path = read_model_bytes_or_path(source)
-    name = "<stdin>" if path is None else str(path)
+    name = name or ("<stdin>" if path is None else str(path))
     if data is not None and not data:
         raise InputError(f"{name}: empty input, not an ONNX model")
+    if path is not None and path.stat().st_size >= TWO_GIB:
+        raise InputError(f"{name}: a single ONNX file cannot hold 2 GiB or more (protobuf's limit); "
+                         "store the weights as external data")
     try:
         if path is not None:
-            with open(path, "rb") as fh:
-                model = onnx.load_model(fh, load_external_data=False)
-        else:
-            model = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{name}: not a valid ONNX model ({_first_line(exc) or 'protobuf parse error'})") from None
+            data = path.read_bytes()
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except DecodeError as exc:
+        raise InputError(f"{name}: not a valid ONNX model ({_decode_reason(exc)})") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read: {exc.strerror}") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{name}: not a valid ONNX model (no graph: empty or not a model file)")
-    base_dir = path.parent if path is not None else Path.cwd()
-    check_external_data(model, base_dir, name)
-    if uses_external_data(model):
-        external_data_helper.load_external_data_for_model(model, str(base_dir))
-    sort_topologically(model.graph)  # unsorted-but-valid graphs are accepted; cycles are refused
-    check_model(model, name)
+    check_nesting(model, name)
+    check_names_are_text(model, name)
+    return model, path
+
+
+def _decode_reason(exc: DecodeError) -> str:
+    if "MaxDepth" in str(exc):
+        return "messages nested more than protobuf's 100-level limit"
+    return "protobuf parse error: corrupt, truncated or not a model file"
+
+
+def load_model(source: str | Path, config: Config | None = None, *, infer: bool = True) -> onnx.ModelProto:
+    """Load, check, shape-infer and pin a model.
+
+    External data is loaded into memory, or kept on disk when its files hold 2 GiB
+    or more (``graph/external.py``).
+    """
+    model, path = parse_model(source)
+    name = "<stdin>" if path is None else str(path)
+    check_opsets(model, name)
+    check_operators(model, name)
+    check_graph_names(model, name)  # before any weight is read: refusing is cheap
+    attach_external_data(model, path.parent if path is not None else Path.cwd(), name)
+    check_model(model, name, structure=False)
+    # IR < 4 requires every initializer to be a graph input too; subgraphs and merged
+    # models list only real inputs, which IR 4 allows with the same meaning.
+    model.ir_version = max(model.ir_version, 4)
     if config is not None and config.inputs:
         model = pin_input_shapes(model, config.inputs, name)
     if infer:
@@ -77,12 +115,31 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-def check_model(model: onnx.ModelProto, name: str = "<model>") -> None:
+def check_model(model: onnx.ModelProto, name: str = "<model>", *, structure: bool = True) -> None:
+    """The structural checks of ``graph/checks.py``, then the ONNX checker.
+
+    The structural checks sort nodes stored out of topological order in place.
+    Models over 2 GiB or with external data are checked as a light copy whose
+    weights point at an empty stub file (the checker looks at dims and types only).
+    """
+    if structure:
+        check_nesting(model, name)
+        check_names_are_text(model, name)
+        check_opsets(model, name)
+        check_operators(model, name)
+        check_graph_names(model, name)
     try:
-        if model.ByteSize() < TWO_GIB:
+        if byte_size(model) < TWO_GIB and not uses_external_data(model):
             onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(_strip_weights(model))
+            return
+        with tempfile.TemporaryDirectory(prefix="adaptopt-check-") as tmp:
+            (Path(tmp) / "stub.bin").touch()
+            light = light_copy(model, stub_location="stub.bin")
+            for tensor in nested_tensors(light):  # weights inside bodies and Constant nodes
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    set_external(tensor, "stub.bin", 0, max(tensor_nbytes(tensor) or 0, 0))
+            (Path(tmp) / "model.onnx").write_bytes(light.SerializeToString())
+            onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{name}: ONNX checker failed: {_checker_reason(exc)}") from None
 
@@ -95,24 +152,53 @@ def _checker_reason(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
-def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with initializer payloads replaced by zeros of the same shape (checker only)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
-        init.ClearField("raw_data")
-        init.data_location = TensorProto.DEFAULT
-    return light
-
-
 def infer_shapes(model: onnx.ModelProto, name: str = "<model>") -> onnx.ModelProto:
-    """ONNX shape inference; a model it cannot handle keeps whatever shapes it has."""
-    if model.ByteSize() >= TWO_GIB:
-        return model
+    """ONNX shape inference, in place (``model`` is returned).
+
+    Inference runs on a light copy in which every heavy initializer is a typed graph
+    input instead: no weight is copied, and ONNX's data propagation, which expands
+    an initializer's values into one shape dimension per element (gigabytes for a
+    large 1-D weight), only sees the small constants that shape arithmetic uses.
+    Data propagation is skipped altogether when a 1-D tensor longer than
+    :data:`DATA_PROP_MAX_LENGTH` exists, as it expands graph inputs too.
+    """
+    probe = _inference_copy(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False)
+        if not _long_vectors(inferred):
+            inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:  # ValueError: bad types
         raise InputError(f"{name}: shape inference failed: {_first_line(exc)}") from None
+    del model.graph.node[:]
+    model.graph.node.extend(inferred.graph.node)  # control-flow bodies carry their own value_info
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for out, typed in zip(model.graph.output, inferred.graph.output):
+        out.type.CopyFrom(typed.type)
+    return model
+
+
+def _long_vectors(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else ()
+        if len(dims) == 1 and dims[0].dim_value > DATA_PROP_MAX_LENGTH:
+            return True
+    return False
+
+
+def _inference_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    probe = light_copy(model)
+    heavy = [t for t in probe.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not heavy:
+        return probe
+    keep = [t for t in probe.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    listed = {i.name for i in probe.graph.input}
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in heavy if t.name not in listed)
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(keep)
+    return probe
 
 
 def pin_input_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputSpec], name: str) -> onnx.ModelProto:
@@ -161,97 +247,97 @@ def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list]:
     return result
 
 
-# ------------------------------------------------------------------ external data
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(model))
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    yield from external_data_helper._get_all_tensors(model)
-
-
-def check_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> None:
-    """Refuse unsafe or inconsistent external-data references before opening files."""
-    base = base_dir.resolve()
-    for tensor in _all_tensors(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        if not location:
-            raise InputError(f"{name}: tensor '{tensor.name}' has external data without a location")
-        loc_path = Path(location)
-        if loc_path.is_absolute() or location.startswith(("/", "\\")) or ":" in loc_path.parts[0]:
-            raise InputError(f"{name}: tensor '{tensor.name}' external data location '{location}' is absolute; "
-                             "only paths inside the model's folder are allowed")
-        if ".." in loc_path.parts:
-            raise InputError(f"{name}: tensor '{tensor.name}' external data location '{location}' contains '..'")
-        full = base / loc_path
-        resolved = full.resolve()
-        if base not in resolved.parents and resolved != base:
-            raise InputError(f"{name}: tensor '{tensor.name}' external data '{location}' resolves outside the "
-                             "model's folder (symlink)")
-        if not full.is_file():
-            raise InputError(f"{name}: external data file '{location}' for tensor '{tensor.name}' not found "
-                             f"in {base_dir}")
-        size = full.stat().st_size
-        offset = int(info.get("offset", 0) or 0)
-        expected = _tensor_nbytes(tensor)
-        length = int(info["length"]) if info.get("length") else (size - offset)
-        if offset < 0 or offset + length > size:
-            raise InputError(f"{name}: tensor '{tensor.name}' external data range [{offset}, {offset + length}) "
-                             f"is beyond the end of '{location}' ({size} bytes)")
-        if expected is not None and length != expected:
-            raise InputError(f"{name}: tensor '{tensor.name}' declares {expected} bytes but its external data "
-                             f"holds {length}")
-
-
-def _tensor_nbytes(tensor: TensorProto) -> int | None:
-    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-        return None
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
 # ------------------------------------------------------------------ atomic saving
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path in ``target``'s folder; rename it onto ``target`` on success."""
+    """Yield a temp path in ``target``'s folder; rename it onto ``target`` on success.
+
+    On any exception, KeyboardInterrupt and SIGTERM included (``adaptopt.signals``
+    turns it into one), the temp file is removed and ``target`` is untouched.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
+    os.close(fd)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode(target))  # mkstemp makes 0600; the result gets a normal file's mode
         os.replace(tmp_path, target)
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, last: str = "manifest.json") -> Iterator[Path]:
+    """Yield an empty temp folder next to ``target``; on success its files land in ``target``.
+
+    A new or empty ``target`` is the temp folder renamed, in one step. Into an
+    existing folder the new files are renamed one by one, ``last`` (the manifest
+    that names the others) at the end. On any exception, interrupts included, the
+    temp folder is removed and ``target`` is as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if not target.exists():
+            os.rename(staging, target)
+            return
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == last):
+            os.replace(entry, target / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _file_mode(target: Path) -> int:
+    """The mode ``target`` has now, else what a new file gets under the process umask."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    try:  # Linux shows it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model(model: onnx.ModelProto, destination: str | Path, *, external: bool | None = None) -> None:
     """Write ``model`` atomically to a path, or to stdout for ``-``.
 
-    Models of 2 GiB or more (or ``external=True``) put their large tensors in a side
-    file ``<name>.data`` next to the model; both files are renamed into place only
-    once complete. The in-memory ``model`` is not modified.
+    Models of 2 GiB or more, models whose weights are kept on disk, or
+    ``external=True`` put their large tensors in a side file ``<name>.data`` next to
+    the model, streamed one tensor at a time; both files are renamed into place only
+    once complete. The in-memory ``model`` is not modified. ``destination`` may be
+    the file the model was loaded from.
     """
-    size = model.ByteSize()
+    size = byte_size(model)
+    on_disk = uses_external_data(model)
     if str(destination) == "-":
-        if size >= TWO_GIB:
+        if size >= TWO_GIB or on_disk:
             raise InputError("a model of 2 GiB or more cannot be written to stdout; give -o PATH")
         sys.stdout.buffer.write(model.SerializeToString())
         sys.stdout.buffer.flush()
         return
     target = Path(destination)
     if external is None:
-        external = size >= TWO_GIB
+        external = size >= TWO_GIB or on_disk
     if not external:
         with atomic_path(target) as tmp:
             tmp.write_bytes(model.SerializeToString())
@@ -263,49 +349,29 @@ def save_model(model: onnx.ModelProto, destination: str | Path, *, external: boo
 
 def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, data_name: str) -> None:
     """Stream large tensors to ``data_path`` and write a light model that points at them."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < TWO_GIB else _copy_without_raw(model, light)
-    originals = {t.name: t for t in _all_tensors(model)}
+    light = light_copy(model)
     with open(data_path, "wb") as fh:
-        for tensor in _all_tensors(light):
-            source = originals.get(tensor.name, tensor)
-            raw = _raw_bytes(source)
-            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-                continue
-            offset = fh.tell()
-            fh.write(raw)
-            pad = (-fh.tell()) % 4096  # page-align the next tensor, so it can be memory-mapped
-            fh.write(b"\0" * pad)
-            _set_external(tensor, data_name, offset, len(raw))
+        for stub, source in zip(light.graph.initializer, model.graph.initializer):
+            _write_tensor(fh, stub, source, data_name)
+        for tensor in nested_tensors(light):
+            _write_tensor(fh, tensor, tensor, data_name)
     model_path.write_bytes(light.SerializeToString())
 
 
-def _copy_without_raw(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
-    stash = []
-    for tensor in _all_tensors(model):
-        if tensor.HasField("raw_data"):
-            stash.append((tensor, tensor.raw_data))
-            tensor.ClearField("raw_data")
-    try:
-        light.CopyFrom(model)
-    finally:
-        for tensor, raw in stash:
-            tensor.raw_data = raw
-
-
-def _raw_bytes(tensor: TensorProto) -> bytes | None:
-    if tensor.data_location == TensorProto.EXTERNAL or tensor.data_type == TensorProto.STRING:
-        return None
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    return onnx.numpy_helper.to_array(tensor).tobytes() if _tensor_nbytes(tensor) else None
-
-
-def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
+def _write_tensor(fh, stub: onnx.TensorProto, source: onnx.TensorProto, data_name: str) -> None:
+    """Append ``source``'s payload to ``fh`` and point ``stub`` at it; small tensors stay inline."""
+    if source.data_location == onnx.TensorProto.EXTERNAL and not on_disk(source):
+        raise InputError(f"tensor '{source.name}' refers to external data '{external_info(source).get('location')}'"
+                         " that was never loaded; cannot write it")
+    raw = raw_bytes(source)
+    if raw is not None and len(raw) >= EXTERNAL_THRESHOLD:
+        offset = fh.tell()
+        fh.write(raw)
+        fh.write(b"\0" * ((-fh.tell()) % 4096))  # page-align the next tensor, so it can be memory-mapped
+        set_external(stub, data_name, offset, len(raw))
+    elif stub is not source and on_disk(source):
+        del stub.external_data[:]
+        stub.data_location = onnx.TensorProto.DEFAULT
+        stub.raw_data = raw
+    elif stub is not source:
+        stub.CopyFrom(source)

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import helper
 
 from adaptopt.errors import InputError
 from adaptopt.graph.index import has_type
-from adaptopt.graph.io import check_external_data, check_model, uses_external_data
+from adaptopt.graph.io import attach_external_data, check_model, parse_model
 from adaptopt.graph.subgraph import MANIFEST_FORMAT
 
 
@@ -204,15 +203,12 @@ def merge_directory(directory: str | Path) -> onnx.ModelProto:
 
 def _load_file(directory: Path, name: str, load_weights: bool) -> onnx.ModelProto:
     path = directory / name
-    if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file() \
+            or directory.resolve() not in path.resolve().parents:
         raise InputError(f"{directory}: subgraph file '{name}' named in the manifest is missing or outside the folder")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: cannot read subgraph ({str(exc).strip()[:200] or type(exc).__name__})") from None
-    if load_weights and uses_external_data(model):
-        check_external_data(model, directory, str(path))
-        onnx.external_data_helper.load_external_data_for_model(model, str(directory))
+    model, _ = parse_model(path)
+    if load_weights:
+        attach_external_data(model, directory, str(path))
     return model
 
 
