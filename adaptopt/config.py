@@ -56,6 +56,8 @@ class ProfilingConfig:
     max_time_s: float = 2.0
     counters: tuple[str, ...] = ("perf", "rusage", "analytic", "nvml", "ncu")
     per_node: bool = True
+    isolate: bool = True  # run and time subgraphs in a worker process (a crash costs one step)
+    timeout_s: float = 120.0  # per subgraph run/timing in the worker
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ _RULES: dict[str, dict[str, tuple]] = {
         "max_time_s": _POS_FLOAT,
         "counters": (list, lambda v: all(c in _COUNTERS for c in v), f"a list drawn from {', '.join(_COUNTERS)}"),
         "per_node": _BOOL,
+        "isolate": _BOOL,
+        "timeout_s": _POS_FLOAT,
     },
     "policy": {
         "RL_training_epochs": _NONNEG_INT,

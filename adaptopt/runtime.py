@@ -115,10 +115,26 @@ def make_session(model: onnx.ModelProto | bytes | str, target: TargetConfig, lev
     """
     ort = _ort()
     so = sess_options or session_options(target, level, profile_prefix)
+    keep_alive = None
     if isinstance(model, onnx.ModelProto):
         apply_model_session_config(so, model_session_config(model))
+        keep_alive = _serve_weights_from_disk(so, model)
         model = model.SerializeToString()
-    return ort.InferenceSession(model, so, providers=resolve_providers(target))
+    session = ort.InferenceSession(model, so, providers=resolve_providers(target))
+    session._adaptopt_weights = keep_alive  # the memory maps must outlive the session
+    return session
+
+
+def _serve_weights_from_disk(so, model: onnx.ModelProto):
+    """Initializers kept on disk (models over 2 GiB) reach ORT as memory maps, never copied."""
+    from adaptopt.graph.external import mapped_initializers
+    maps = mapped_initializers(model)
+    if not maps:
+        return None
+    ort = _ort()
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in maps.values()]
+    so.add_external_initializers(list(maps), values)
+    return maps, values
 
 
 def run(session, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from adaptopt import api
 from adaptopt.cli import cli
 from adaptopt.config import Config, InputSpec, ProfilingConfig
 from adaptopt.graph.capture import make_inputs
-from adaptopt.graph.io import save_model
+from adaptopt.graph.io import check_model, save_model
 from adaptopt.policy.qtable import QTable
 from adaptopt.validate import compare
 from tests.conftest import BERT_INPUTS, run_model
@@ -33,15 +33,16 @@ def fast_config(tmp_path) -> Config:
                                                    cache_dir=str(tmp_path / "cache")))
 
 
-def _check_promise(original: onnx.ModelProto, result, config: Config, budget: float = 0.0) -> None:
+def _check_promise(original: onnx.ModelProto, result, config: Config, budget: float = 0.0,
+                   allow_slower: bool = False) -> None:
     feeds = make_inputs(original, config)
     validation = compare(run_model(original, feeds), run_model(result.model, feeds), 1e-4, budget)
     assert validation.ok, validation.reason
     assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
     assert [o.name for o in result.model.graph.output] == [o.name for o in original.graph.output]
-    onnx.checker.check_model(result.model)
+    check_model(result.model)  # handles weights kept on disk
     if result.improved:
-        assert result.speedup > 1.0
+        assert result.speedup > 1.0 or allow_slower
     else:
         assert result.model.SerializeToString() == original.SerializeToString() or result.speedup == 1.0
 
@@ -125,7 +126,7 @@ def test_fixed_pass_sequence(tmp_path, resnet_model, fast_config):
     result = api.optimize(path, fast_config, passes=["fuse_conv_bn"], allow_slower=True)
     ops = [n.op_type for n in result.model.graph.node]
     assert "BatchNormalization" not in ops
-    _check_promise(resnet_model, result, fast_config)
+    _check_promise(resnet_model, result, fast_config, allow_slower=True)
     assert result.report["kind"] == "optimize-fixed-sequence"
 
 
@@ -138,3 +139,64 @@ def test_unknown_pass_and_stdout_conflict_exit_2(tmp_path, resnet_model):
     result = CliRunner().invoke(cli, ["optimize", str(path), "-o", "-", "--json"])
     assert result.exit_code == 2
 
+
+
+def test_weights_kept_on_disk_are_optimized_in_the_worker(tmp_path, resnet_model, fast_config, monkeypatch):
+    """Huge models keep weights on disk; subgraph sessions (in the worker) memory-map them."""
+    from adaptopt.graph import external
+    monkeypatch.setattr(external, "KEEP_ON_DISK_BYTES", 1)  # treat this small model as huge
+    path = tmp_path / "ext" / "m.onnx"
+    save_model(resnet_model, path, external=True)
+    result = api.optimize(path, fast_config.with_section("profiling", isolate=True), accuracy_budget=0.999)
+    assert all(leaf["baseline_ms"] > 0 and not leaf["pass_errors"] or all("crash" not in e for e in leaf["pass_errors"])
+               for leaf in result.report["leaves"])
+    assert any(leaf["measurements"] > 1 for leaf in result.report["leaves"])
+    _check_promise(resnet_model, result, fast_config, budget=0.999)
+
+
+class _CrashOnFusedMeasurer:
+    """Simulates an execution provider that crashes on one kind of rewritten subgraph."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def _guard(self, model):
+        """Crash on any Conv subgraph whose BatchNormalization was folded away."""
+        from adaptopt.isolation import WorkerFailure
+        ops = {n.op_type for n in model.graph.node}
+        if "Conv" in ops and "BatchNormalization" not in ops:
+            raise WorkerFailure("crash", "add: worker killed by SIGSEGV")
+
+    def run(self, model, feeds):
+        self._guard(model)
+        return self.inner.run(model, feeds)
+
+    def time(self, model, feeds):
+        self._guard(model)
+        return self.inner.time(model, feeds)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_crashing_step_fails_that_step_only(tmp_path, resnet_model, fast_config):
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.loop import prepare_run, q_settings
+    from adaptopt.graph.index import GraphIndex
+    from adaptopt.graph.partition import partition
+    from adaptopt.policy.qtable import QTable
+    from adaptopt.policy.search import q_learning
+    model = api.pinned_copy(resnet_model, fast_config, "resnet")  # shapes inferred, as optimize does
+    feeds = make_inputs(model, fast_config)
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, fast_config, 0.0, cache=MeasurementCache(None, "test"))
+    ctx.measurer = _CrashOnFusedMeasurer(ctx.measurer)
+    leaf = next(s for s in partition(index, 1, 3).leaves() if any(ctx.index.nodes[i].op_type == "BatchNormalization"
+                                                                   for i in range(s.start, s.stop)))
+    env = ctx.env_for(leaf)
+    [result] = q_learning([env], QTable(), q_settings(fast_config, epochs=3), seed=0)
+    crashed = env.evaluate(("fuse_conv_bn",))
+    assert not crashed.valid and "crash" in crashed.reason
+    assert "fuse_conv_bn" not in result.sequence and result.outcome.valid
+    assert any("SIGSEGV" in e for e in env.pass_errors)
+    ctx.measurer.close()

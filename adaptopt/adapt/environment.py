@@ -85,6 +85,8 @@ class SubgraphEnv:
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
     pass_errors: list[str] = field(default_factory=list)
 
+    max_cached_models: int = 8  # rewritten models kept in memory (each holds the leaf's weights)
+
     def __post_init__(self) -> None:
         self._steps[()] = Step(self.model)
         self._by_name = {p.name: p for p in self.passes}
@@ -108,7 +110,7 @@ class SubgraphEnv:
         if sequence not in self._actions:
             step = self.step(sequence)
             names = []
-            if step.model is not None:
+            if step.model is not None and self.evaluate(()).valid:  # an original that cannot run is kept as is
                 for p in self.passes:
                     if p.name not in sequence and p.applies(step.model, self.context).ok:
                         names.append(p.name)
@@ -137,8 +139,14 @@ class SubgraphEnv:
 
     # ------------------------------------------------------------ internals
     def step(self, sequence: tuple[str, ...]) -> Step:
-        """The model after ``sequence`` (memoised by prefix); model None when a pass failed."""
+        """The model after ``sequence``; model None when a pass failed.
+
+        Memoised by prefix, but only the ``max_cached_models`` most recent rewritten
+        models stay in memory (each holds a copy of the leaf's weights); an evicted
+        one is rebuilt by replaying its passes, which are deterministic.
+        """
         if sequence in self._steps:
+            self._steps[sequence] = self._steps.pop(sequence)  # most recently used last
             return self._steps[sequence]
         parent = self.step(sequence[:-1])
         name = sequence[-1]
@@ -147,7 +155,13 @@ class SubgraphEnv:
         else:
             result = self._apply(parent, name)
         self._steps[sequence] = result
+        self._evict()
         return result
+
+    def _evict(self) -> None:
+        held = [seq for seq, st in self._steps.items() if seq and st.model is not None]
+        for seq in held[:max(0, len(held) - self.max_cached_models)]:
+            del self._steps[seq]
 
     def _apply(self, parent: Step, name: str) -> Step:
         p = self._by_name[name]
@@ -162,6 +176,7 @@ class SubgraphEnv:
         return Step(res.model, "", parent.lossy or p.guarantee == "lossy")
 
     def _measure(self, sequence: tuple[str, ...]) -> Outcome:
+        from adaptopt.isolation import WorkerFailure
         from adaptopt.runtime import ort_error_line, ort_errors
         step = self.step(sequence)
         if step.model is None:
@@ -171,12 +186,19 @@ class SubgraphEnv:
             outputs = self.measurer.run(step.model, self.feeds)
         except ort_errors() as exc:
             return Outcome(math.inf, False, 0.0, f"onnxruntime: {ort_error_line(exc)}")
+        except WorkerFailure as failure:  # crash / hang / error in the isolated worker
+            self.pass_errors.append(f"{'/'.join(sequence) or 'original'}: {failure}")
+            return Outcome(math.inf, False, 0.0, str(failure))
         budget = self.accuracy.budget if step.lossy else 0.0
         validation = compare(self.reference, outputs, self.accuracy.exact_tolerance, budget)
         self._validations[sequence] = validation
         if not validation.ok:
             return Outcome(math.inf, False, 0.0, validation.reason)
-        timing = self.measurer.time(step.model, self.feeds)
+        try:
+            timing = self.measurer.time(step.model, self.feeds)
+        except WorkerFailure as failure:
+            self.pass_errors.append(f"{'/'.join(sequence) or 'original'}: {failure}")
+            return Outcome(math.inf, False, 0.0, str(failure))
         features = self.classify(step.model, self.feeds, timing.median_ms)
         self._features[sequence] = features
         if not sequence:

@@ -16,7 +16,8 @@ import onnx
 from adaptopt.adapt.assemble import assemble, finalize
 from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
 from adaptopt.adapt.granularity import adapt_round, search_leaves
-from adaptopt.adapt.session import InProcessMeasurer, RunContext, make_classifier, select_passes, split_by_scope
+from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
+from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
@@ -84,7 +85,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     budget = config.accuracy.budget if options.accuracy_budget is None else options.accuracy_budget
     seed = config.policy.seed if options.seed is None else options.seed
     budget_s = config.budget.seconds if options.budget_s is None else options.budget_s
-    deadline = time.monotonic() + 0.75 * budget_s  # the rest is kept for merge + verification
+    deadline = Deadline(0.75 * budget_s)  # the rest is kept for merge + verification
 
     clock.stage("capture")
     feeds = make_inputs(model, config)
@@ -95,16 +96,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         return _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock)
 
     clock.stage("calibrate")
-    from adaptopt.profile.calibrate import machine_profile
-    machine = machine_profile(config.target, config.policy.cache_dir)
-    leaf_passes, model_passes = split_by_scope(select_passes(config, None, budget))
-    ctx = RunContext(config, index, feeds, leaf_passes,
-                     MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target)),
-                     InProcessMeasurer(config), make_classifier(machine), budget, model_passes=model_passes,
-                     deadline=deadline)
-    ctx.values.update(feeds)
-    ctx.node_times_ms = _node_times(model, feeds, config)
-
+    ctx, machine = prepare_run(model, index, feeds, config, budget, deadline)
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     leaves = tree.leaves()
@@ -132,6 +124,9 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("merge + verify")
     assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say)
+    clock.stage("counters")
+    counters = leaf_counters(ctx, plans, assembly.accepted)
+    ctx.measurer.close()
     clock.stage("done")
     measurements = sum(p.env.measurements for p in plans.values())
     table.meta.update({"last_model": model.graph.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -139,17 +134,51 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         table.save(options.qtable or config.policy.qtable)
     from adaptopt.report.optimize import build_report
     report = build_report(model, config, machine, tree, plans, history, assembly, clock.seconds, budget, seed,
-                          measurements, ctx.cache.hits)
+                          measurements, ctx.cache.hits, counters)
     return finalize(assembly, report, tree)
 
 
-def _node_times(model: onnx.ModelProto, feeds, config: Config) -> dict[str, float]:
-    """Per-node times of the whole model from ORT's profiler (weights for subdivision)."""
+def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> dict[str, dict]:
+    """HAL readings around one timed loop of each leaf, and of its rewrite when kept (report only)."""
+    from adaptopt.profile.runner import measure
+    out: dict[str, dict] = {}
+    for sid, plan in plans.items():
+        env = plan.env
+        out[sid] = {"original": measure(env.model, env.feeds, ctx.config).counters}
+        if sid in accepted:
+            out[sid]["optimized"] = measure(env.step(accepted[sid]).model, env.feeds, ctx.config).counters
+    return out
+
+
+def prepare_run(model: onnx.ModelProto, index: GraphIndex, feeds: dict, config: Config, budget: float,
+                deadline: Deadline | None = None, cache: MeasurementCache | None = None):
+    """The shared state of a run: machine calibration, passes, measurement cache, per-node times."""
+    from adaptopt.profile.calibrate import machine_profile
+    machine = machine_profile(config.target, config.policy.cache_dir)
+    leaf_passes, model_passes = split_by_scope(select_passes(config, None, budget))
+    if cache is None:
+        cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
+    deadline = deadline or Deadline(None)
+    ctx = RunContext(config, index, feeds, leaf_passes, cache, make_measurer(config),
+                     make_classifier(machine), budget, model_passes=model_passes, deadline=deadline)
+    ctx.values.update(feeds)
+    ctx.node_times_ms = _node_times(model, feeds, config, cache)
+    return ctx, machine
+
+
+def _node_times(model: onnx.ModelProto, feeds, config: Config, cache: MeasurementCache) -> dict[str, float]:
+    """Per-node times of the whole model from ORT's profiler (weights for subdivision), cached."""
     if not config.profiling.per_node:
         return {}
+    from adaptopt.adapt.environment import model_digest
     from adaptopt.profile.runner import measure
-    measurement = measure(model, feeds, config, counters=False, per_node=True)
-    return dict(measurement.node_times_ms or {})
+    key = cache.key(model_digest(model), (), kind="node-times")
+    entry = cache.get(key)
+    if entry is None:
+        measurement = measure(model, feeds, config, counters=False, per_node=True)
+        entry = {"node_times_ms": dict(measurement.node_times_ms or {})}
+        cache.put(key, **entry)
+    return dict(entry["node_times_ms"])
 
 
 def _progress(options: OptimizeOptions, stage: str, done: int, total: int) -> None:

@@ -6,7 +6,6 @@ initial leaves, subdivided children and merged pairs are all measured the same w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -14,6 +13,7 @@ import numpy as np
 import onnx
 
 from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.budget import Deadline
 from adaptopt.adapt.environment import Features, SubgraphEnv
 from adaptopt.config import Config
 from adaptopt.errors import InputError
@@ -24,6 +24,20 @@ from adaptopt.graph.subgraph import extract_range
 from adaptopt.runtime import make_session, run
 
 
+def run_on_target(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray], config: Config) -> dict:
+    """Outputs of ``model`` as users run it (ORT_ENABLE_ALL on the configured providers)."""
+    if isinstance(model, bytes):
+        model = onnx.load_model_from_string(model)
+    return run(make_session(model, config.target, level="all"), feeds)
+
+
+def time_on_target(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray], config: Config):
+    from adaptopt.profile.runner import time_model
+    if isinstance(model, bytes):
+        model = onnx.load_model_from_string(model)
+    return time_model(model, dict(feeds), config.target, config.profiling, level="all")
+
+
 class InProcessMeasurer:
     """Runs and times subgraphs in this process (one session each, shared thread pool)."""
 
@@ -31,11 +45,48 @@ class InProcessMeasurer:
         self.config = config
 
     def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run(make_session(model, self.config.target, level="all"), feeds)
+        return run_on_target(model, feeds, self.config)
 
     def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
-        from adaptopt.profile.runner import time_model
-        return time_model(model, dict(feeds), self.config.target, self.config.profiling, level="all")
+        return time_on_target(model, feeds, self.config)
+
+    def close(self) -> None:
+        pass
+
+
+class IsolatedMeasurer:
+    """Runs and times subgraphs in one persistent worker process (``adaptopt.isolation``).
+
+    A segfault, abort or hang in an execution provider or custom op raises
+    ``WorkerFailure`` for that one call (a hang after ``profiling.timeout_s``); the
+    environment records it as a failed step and the run goes on. The run's time
+    budget is not applied here: it is checked between episodes, so a measurement is
+    never cut short and mistaken for a property of the subgraph.
+    """
+
+    def __init__(self, config: Config):
+        from adaptopt.graph.external import kept_files, trust_kept_files
+        from adaptopt.isolation import Worker
+        self.config = config
+        # weights kept on disk reach the worker as the same checked files (never re-read unchecked)
+        self.worker = Worker(initializer=trust_kept_files, initargs=(kept_files(),), name="adaptopt-measure")
+
+    def _call(self, fn, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
+        return self.worker.call(fn, model.SerializeToString(), dict(feeds), self.config,
+                                timeout=self.config.profiling.timeout_s)
+
+    def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._call(run_on_target, model, feeds)
+
+    def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
+        return self._call(time_on_target, model, feeds)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def make_measurer(config: Config):
+    return IsolatedMeasurer(config) if config.profiling.isolate else InProcessMeasurer(config)
 
 
 def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) -> list:
@@ -70,11 +121,11 @@ class RunContext:
     accuracy_budget: float
     values: dict[str, np.ndarray] = field(default_factory=dict)
     model_passes: list = field(default_factory=list)
-    deadline: float = float("inf")
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))
     node_times_ms: dict[str, float] = field(default_factory=dict)
 
     def expired(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.deadline.expired()
 
     def ensure_captured(self, names: list[str]) -> None:
         """Record any boundary tensors not captured yet (one extra reference run)."""
@@ -85,7 +136,7 @@ class RunContext:
     def env_for(self, sub: Subgraph) -> SubgraphEnv:
         from adaptopt.passes.base import PassContext
         self.ensure_captured(list(sub.boundary_inputs) + list(sub.boundary_outputs))
-        model = extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}")
+        model = materialize_weights(extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}"))
         feeds = {n: self.values[n] for n in sub.boundary_inputs}
         reference = {n: self.values[n] for n in sub.boundary_outputs}
         ctx = PassContext(target=self.config.target, feeds=feeds, accuracy_budget=self.accuracy_budget,
@@ -99,6 +150,28 @@ class RunContext:
                            self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
                                                                       self.accuracy_budget),
                            self.classify, op_times or None)
+
+
+MATERIALIZE_LIMIT = 1 << 30  # a leaf whose on-disk weights are smaller is given real tensors
+
+
+def materialize_weights(model: onnx.ModelProto, limit: int = MATERIALIZE_LIMIT) -> onnx.ModelProto:
+    """Load a subgraph's weights kept on disk (huge models) into it when they are modest.
+
+    Passes read weight values; a leaf of a huge model usually holds a small part of
+    its weights. A leaf over ``limit`` keeps its on-disk references: sessions
+    memory-map them, and passes that need the values fail on it (recorded, reverted).
+    """
+    from adaptopt.graph.external import on_disk, raw_bytes, tensor_nbytes
+    heavy = [t for t in model.graph.initializer if on_disk(t)]
+    if not heavy or sum(tensor_nbytes(t) or 0 for t in heavy) > limit:
+        return model
+    for tensor in heavy:
+        data = raw_bytes(tensor)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
+    return model
 
 
 def make_classifier(machine) -> Callable[[onnx.ModelProto, Mapping[str, np.ndarray], float], Features]:

@@ -191,6 +191,16 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def kept_files() -> dict[str, tuple[int, int, int, int]]:
+    """The external-data files this process loaded and checked, with their identities."""
+    return dict(_kept_files)
+
+
+def trust_kept_files(files: dict[str, tuple[int, int, int, int]]) -> None:
+    """Adopt another adaptopt process's checked files (a worker serving its parent)."""
+    _kept_files.update(files)
+
+
 def checked_file(tensor: TensorProto) -> Path:
     """The file of a tensor kept on disk, after checking it is one this process loaded, unchanged."""
     info = external_info(tensor)

@@ -44,7 +44,11 @@ def _result(assembly) -> dict:
     }
 
 
-def _leaf(sub, plan, accepted: dict) -> dict:
+def _readings(readings: dict) -> dict:
+    return {name: {**r.to_dict(), "value": _round(r.value, 6)} for name, r in readings.items()}
+
+
+def _leaf(sub, plan, accepted: dict, counters: dict | None = None) -> dict:
     env, res = plan.env, plan.result
     features = env.features(res.sequence)
     base = env.features(())
@@ -62,6 +66,7 @@ def _leaf(sub, plan, accepted: dict) -> dict:
         "bound_after": features.bound, "performance_after": _round(features.performance, 4),
         "validation": validation.to_dict() if validation else None,
         "measurements": env.measurements, "pass_errors": env.pass_errors,
+        "counters": {k: _readings(v) for k, v in (counters or {}).items()},
         "decisions": res.decisions,
     }
 
@@ -77,7 +82,7 @@ def learning_curve(plans) -> list[float]:
 
 
 def build_report(model: onnx.ModelProto, config, machine, tree, plans, history, assembly, stages, budget, seed,
-                 measurements, cache_hits) -> dict:
+                 measurements, cache_hits, counters: dict | None = None) -> dict:
     leaves = [(s, plans[s.id]) for s in tree.leaves() if s.id in plans]
     return {
         "schema_version": OPTIMIZE_SCHEMA_VERSION,
@@ -89,7 +94,7 @@ def build_report(model: onnx.ModelProto, config, machine, tree, plans, history, 
                      "epochs": config.policy.RL_training_epochs, "max_sequence": config.policy.max_sequence,
                      "passes": [p.name for p in leaves[0][1].env.passes] if leaves else []},
         "result": _result(assembly),
-        "leaves": [_leaf(s, p, assembly.accepted) for s, p in leaves],
+        "leaves": [_leaf(s, p, assembly.accepted, (counters or {}).get(s.id)) for s, p in leaves],
         "granularity_history": history,
         "learning_curve": learning_curve(plans),
         "events": assembly.events,
