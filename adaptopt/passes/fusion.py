@@ -1,0 +1,298 @@
+"""Kernel fusion into Conv / Gemm (compute, exact).
+
+- ``fuse_conv_bn``: ``BatchNormalization(Conv(X, W, B))`` -> ``Conv(X, W', B')``
+  (also ``ConvTranspose`` with group 1).
+- ``fuse_conv_affine``: ``Mul(Conv(X), c)`` / ``Add(Conv(X), c)`` with ``c`` constant per
+  output channel -> ``Conv`` with scaled weights / shifted bias; and ``Conv(Mul(X, a))`` /
+  ``Conv(Add(X, b))`` with per-input-channel constants -> ``Conv`` (the Add only for an
+  unpadded Conv). Exporters leave these behind (PaddlePaddle's learnable affine after
+  every conv, written ``Mul(w, x)`` with the constant first, which ORT's own ConvMul /
+  ConvAdd fusions do not match).
+- ``fuse_matmul_add``: ``Add(MatMul(A, W), b)`` with constant ``W`` (2-D) and ``b`` ->
+  ``Gemm``; a rank > 2 ``A`` with a static shape goes through ``Reshape``.
+- ``fuse_conv_activation``: ``Relu/Tanh/Sigmoid/LeakyRelu/Clip/HardSigmoid(Conv)`` ->
+  ``com.microsoft.FusedConv``; the same after ``Gemm`` -> ``com.microsoft.FusedGemm``
+  (ONNX Runtime CPU kernels).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+from adaptopt.passes.base import MS_DOMAIN, PassContext
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, set_attr
+
+
+def _default(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _conv_params(ed: GraphEditor, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+    """Constant float weight and bias (zeros when absent) of a Conv, or None."""
+    if conv.op_type not in ("Conv", "ConvTranspose") or not _default(conv) or len(conv.input) < 2:
+        return None
+    w = ed.const(conv.input[1])
+    if w is None or w.dtype != np.float32 or ed.is_const(conv.input[0]):
+        return None
+    out_axis = 0 if conv.op_type == "Conv" else 1
+    if conv.op_type == "ConvTranspose" and attr(conv, "group", 1) != 1:
+        return None
+    if len(conv.input) > 2 and conv.input[2]:
+        b = ed.const(conv.input[2])
+        if b is None:
+            return None
+    else:
+        b = np.zeros(w.shape[out_axis], np.float32)
+    return w, b
+
+
+def _set_conv_params(ed: GraphEditor, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray) -> None:
+    ed.private_const(conv, 1, w.astype(np.float32), "fused_weight")
+    if len(conv.input) < 3:
+        conv.input.append("")
+    ed.private_const(conv, 2, b.astype(np.float32), "fused_bias")
+
+
+def _scale_out(conv: onnx.NodeProto, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    if conv.op_type == "Conv":
+        return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    return w * scale.reshape((1, -1) + (1,) * (w.ndim - 2))
+
+
+def _take_output(ed: GraphEditor, conv: onnx.NodeProto, follower: onnx.NodeProto) -> None:
+    """Drop ``follower`` (fused into ``conv``); ``conv`` now writes the follower's output."""
+    old = conv.output[0]
+    ed.remove(follower)
+    conv.output[0] = follower.output[0]
+    ed.forget_type(old)
+    ed.touch()
+
+
+class FuseConvBnPass(RulePass):
+    name = "fuse_conv_bn"
+    category = "compute"
+    guarantee = "exact"
+    description = "Fold inference BatchNormalization into the preceding Conv/ConvTranspose weights"
+    no_match: ClassVar[str] = "no Conv -> BatchNormalization pair with constant parameters"
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        count = 0
+        for conv in list(ed.nodes):
+            params = _conv_params(ed, conv)
+            bn = ed.sole_consumer(conv.output[0]) if params else None
+            if bn is None or bn.op_type != "BatchNormalization" or not _default(bn) or bn.input[0] != conv.output[0]:
+                continue
+            stats = [ed.const(n) for n in bn.input[1:5]]
+            if any(s is None for s in stats) or attr(bn, "training_mode", 0) or len([o for o in bn.output if o]) > 1:
+                continue
+            w, b = params
+            scale, shift, mean, var = (s.astype(np.float64) for s in stats)
+            factor = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+            _set_conv_params(ed, conv, _scale_out(conv, w.astype(np.float64), factor), (b - mean) * factor + shift)
+            _take_output(ed, conv, bn)
+            count += 1
+        return count
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int, axis: int = 1) -> np.ndarray | None:
+    """``value`` as a vector over ``channels`` when it broadcasts only along ``axis`` of a
+    rank-``rank`` tensor without changing its shape; else None."""
+    if value.dtype != np.float32 or value.ndim > rank:
+        return None
+    full = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != axis) or full.shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(full.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _split_const(ed: GraphEditor, node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
+    """(data input, constant) of a binary Mul/Add/Sub/Div with one constant operand."""
+    if node.op_type not in ("Mul", "Add", "Sub", "Div") or not _default(node) or len(node.input) != 2:
+        return None
+    a, b = ed.const(node.input[0]), ed.const(node.input[1])
+    if (a is None) == (b is None):
+        return None
+    if a is not None and node.op_type in ("Sub", "Div"):
+        return None  # c - x and c / x are not affine in x
+    value = b if b is not None else a
+    if node.op_type == "Div" and not np.all(value):
+        return None
+    value = -value if node.op_type == "Sub" else (1.0 / value if node.op_type == "Div" else value)
+    return (node.input[0] if b is not None else node.input[1]), value.astype(np.float32)
+
+
+class FuseConvAffinePass(RulePass):
+    name = "fuse_conv_affine"
+    category = "compute"
+    guarantee = "exact"
+    description = "Fold per-channel constant Mul/Add/Sub/Div around a Conv into its weights and bias"
+    no_match: ClassVar[str] = "no per-channel constant Mul/Add next to a Conv"
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        count, changed = 0, True
+        while changed:
+            changed = False
+            for node in list(ed.nodes):
+                if ed.alive(node) and (self._fold_after(ed, node) or self._fold_before(ed, node)):
+                    count += 1
+                    changed = True
+        return count
+
+    @staticmethod
+    def _fold_after(ed: GraphEditor, conv: onnx.NodeProto) -> bool:
+        params = _conv_params(ed, conv)
+        follower = ed.sole_consumer(conv.output[0]) if params and conv.op_type == "Conv" else None
+        split = _split_const(ed, follower) if follower is not None else None
+        rank = len(ed.shape(conv.output[0]) or ()) or (params[0].ndim if params else 0)
+        if split is None or split[0] != conv.output[0]:
+            return False
+        w, b = params
+        vec = _per_channel(split[1], w.shape[0], rank)
+        if vec is None:
+            return False
+        if follower.op_type in ("Mul", "Div"):
+            w, b = _scale_out(conv, w.astype(np.float64), vec), b * vec
+        else:
+            b = b + vec
+        _set_conv_params(ed, conv, w, b)
+        _take_output(ed, conv, follower)
+        return True
+
+    @staticmethod
+    def _fold_before(ed: GraphEditor, node: onnx.NodeProto) -> bool:
+        split = _split_const(ed, node)
+        conv = ed.sole_consumer(node.output[0]) if split else None
+        params = _conv_params(ed, conv) if conv is not None and conv.op_type == "Conv" else None
+        if params is None or conv.input[0] != node.output[0] or node.output[0] in conv.input[1:]:
+            return False
+        w, b = params
+        group = attr(conv, "group", 1)
+        cin = w.shape[1] * group
+        vec = _per_channel(split[1], cin, w.ndim)
+        shape = ed.shape(split[0])
+        if vec is None or (shape is not None and ed.shape(node.output[0]) not in (None, shape)):
+            return False
+        # input channel read by weight [o, j]: group(o) * (cin / group) + j
+        per_group_out = w.shape[0] // group
+        in_idx = (np.arange(w.shape[0])[:, None] // per_group_out) * w.shape[1] + np.arange(w.shape[1])[None, :]
+        taps = vec[in_idx].reshape(in_idx.shape + (1,) * (w.ndim - 2))
+        if node.op_type in ("Mul", "Div"):
+            w = w.astype(np.float64) * taps
+        else:
+            if not _unpadded(conv):
+                return False
+            b = b + (w.astype(np.float64) * taps).reshape(w.shape[0], -1).sum(axis=1)
+        _set_conv_params(ed, conv, w, b)
+        conv.input[0] = split[0]
+        ed.remove(node)
+        return True
+
+
+def _unpadded(conv: onnx.NodeProto) -> bool:
+    auto = attr(conv, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    return auto in ("NOTSET", "VALID") and not any(attr(conv, "pads", None) or [])
+
+
+class FuseMatMulAddPass(RulePass):
+    name = "fuse_matmul_add"
+    category = "compute"
+    guarantee = "exact"
+    description = "Add(MatMul(A, W), b) with constant 2-D W and bias -> Gemm (Reshape around rank > 2 A)"
+    no_match: ClassVar[str] = "no MatMul with constant 2-D weight followed by a constant bias Add"
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        count = 0
+        for mm in list(ed.nodes):
+            if mm.op_type != "MatMul" or not _default(mm):
+                continue
+            w = ed.const(mm.input[1])
+            add = ed.sole_consumer(mm.output[0])
+            split = _split_const(ed, add) if add is not None and add.op_type == "Add" else None
+            a_shape, out_shape = ed.shape(mm.input[0]), ed.shape(add.output[0]) if add is not None else None
+            if (w is None or w.ndim != 2 or split is None or split[0] != mm.output[0] or a_shape is None
+                    or len(a_shape) < 2 or ed.is_const(mm.input[0]) or w.dtype != split[1].dtype):
+                continue
+            bias = split[1]
+            if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]) or bias.shape[-1:] not in ((w.shape[1],), (1,), ()):
+                continue
+            if out_shape != tuple(a_shape[:-1]) + (w.shape[1],):
+                continue
+            self._replace(ed, mm, add, w, bias.reshape(-1), a_shape, out_shape)
+            count += 1
+        return count
+
+    @staticmethod
+    def _replace(ed, mm, add, w, bias, a_shape, out_shape) -> None:
+        a = mm.input[0]
+        if len(a_shape) > 2:
+            shape = ed.add_const(np.array([-1, a_shape[-1]], np.int64), "gemm_in_shape")
+            a = ed.add_node("Reshape", [a, shape], base="gemm_reshape").output[0]
+        bias_name = ed.add_const(bias, "gemm_bias")
+        out = add.output[0] if len(a_shape) == 2 else ed.fresh("gemm_out")
+        ed.remove(mm, add)
+        ed.add_node("Gemm", [a, mm.input[1], bias_name], [out], base="gemm")
+        if len(a_shape) > 2:
+            shape = ed.add_const(np.array(out_shape, np.int64), "gemm_out_shape")
+            ed.add_node("Reshape", [out, shape], [add.output[0]], base="gemm_reshape")
+
+
+_FUSABLE_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "Clip", "HardSigmoid")
+
+
+class FuseActivationPass(RulePass):
+    name = "fuse_conv_activation"
+    category = "compute"
+    guarantee = "exact"
+    description = "Conv/Gemm + Relu/Tanh/Sigmoid/LeakyRelu/Clip/HardSigmoid -> com.microsoft FusedConv/FusedGemm"
+    no_match: ClassVar[str] = "no Conv/Gemm followed by a fusable activation"
+
+    def target_reason(self, model: onnx.ModelProto, ctx: PassContext) -> str:
+        if "CPUExecutionProvider" not in ctx.target.execution_providers and not ctx.target.allow_cpu_fallback:
+            return "FusedConv/FusedGemm are ONNX Runtime CPU kernels and the target has no CPU provider"
+        return ""
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        count = 0
+        for node in list(ed.nodes):
+            if node.op_type not in ("Conv", "Gemm") or not _default(node):
+                continue
+            act = ed.sole_consumer(node.output[0])
+            if act is None or act.op_type not in _FUSABLE_ACTIVATIONS or not _default(act):
+                continue
+            params = self._params(ed, act)
+            if params is None or (node.op_type == "Gemm" and ed.elem_type(node.output[0]) not in (None, 1)):
+                continue
+            fused = onnx.NodeProto()
+            fused.CopyFrom(node)
+            fused.op_type, fused.domain = "Fused" + node.op_type, MS_DOMAIN
+            fused.name = ed.fresh(fused.op_type)
+            fused.output[0] = act.output[0]
+            set_attr(fused, "activation", act.op_type)
+            if params:
+                set_attr(fused, "activation_params", params)
+            ed.remove(node, act)
+            ed.nodes.append(fused)
+            ed.forget_type(node.output[0])
+            count += 1
+        return count
+
+    @staticmethod
+    def _params(ed: GraphEditor, act: onnx.NodeProto) -> list[float] | None:
+        if act.op_type == "LeakyRelu":
+            return [float(attr(act, "alpha", 0.01))]
+        if act.op_type == "HardSigmoid":
+            return [float(attr(act, "alpha", 0.2)), float(attr(act, "beta", 0.5))]
+        if act.op_type == "Clip":
+            if len(act.input) == 1:
+                return [float(attr(act, "min", -3.4028234663852886e38)), float(attr(act, "max", 3.4028234663852886e38))]
+            lo = ed.const(act.input[1]) if len(act.input) > 1 and act.input[1] else np.array(-np.inf)
+            hi = ed.const(act.input[2]) if len(act.input) > 2 and act.input[2] else np.array(np.inf)
+            if lo is None or hi is None:
+                return None
+            big = float(np.finfo(np.float32).max)
+            return [float(np.clip(lo, -big, big)), float(np.clip(hi, -big, big))]
+        return []
