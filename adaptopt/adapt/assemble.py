@@ -64,13 +64,23 @@ def confirm_leaf(ctx, plan) -> SideBySide:
     winner's curse); a fresh side-by-side run is an unbiased check of that choice.
     """
     env = plan.env
-    return cached_side_by_side(ctx, env.model, env.step(plan.result.sequence).model, env.feeds, rounds=10)
+    return timed(ctx, env.model, env.step(plan.result.sequence).model, env.feeds, rounds=10)
+
+
+@dataclass(frozen=True)
+class Base:
+    """What the output is when no leaf rewrite survives: the original, or the verified pre-pass model."""
+
+    model: onnx.ModelProto
+    side: SideBySide | None = None  # its verified timing against the original (None: it is the original)
+    message: str = ""
 
 
 def assemble(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto, reference: Mapping[str, np.ndarray],
-             budget: float, allow_slower: bool, say: Callable[[str], None]) -> Assembly:
+             budget: float, allow_slower: bool, say: Callable[[str], None], base: Base | None = None) -> Assembly:
     """Merge the confirmed leaf rewrites, verify, then decide the model-level passes."""
-    assembly = _assemble_leaves(ctx, tree, plans, skeleton, reference, budget, allow_slower, say)
+    base = base or Base(skeleton)
+    assembly = _assemble_leaves(ctx, tree, plans, skeleton, reference, budget, allow_slower, say, base)
     return with_model_passes(ctx, assembly, skeleton)
 
 
@@ -88,13 +98,13 @@ def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Ass
         if ctx.expired() or not p.applies(model, pass_ctx).ok:
             continue
         candidate = p.apply(model, pass_ctx).model
-        side = cached_side_by_side(ctx, model, candidate)
+        side = timed(ctx, model, candidate)
         assembly.events.append({"event": "model_pass", "pass": p.name, **side.to_dict(), "kept": side.significant()})
         if side.significant():
             model, changed = candidate, True
     if not changed:
         return assembly
-    final = cached_side_by_side(ctx, skeleton, model)
+    final = timed(ctx, skeleton, model)
     assembly.events.append({"event": "side_by_side", "attempt": "final", **final.to_dict()})
     if final.speedup <= 1.0:
         return assembly
@@ -104,7 +114,7 @@ def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Ass
 
 def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto,
                      reference: Mapping[str, np.ndarray], budget: float, allow_slower: bool,
-                     say: Callable[[str], None]) -> Assembly:
+                     say: Callable[[str], None], base: Base) -> Assembly:
     accepted = {}
     events: list[dict] = []
     for sid in sorted(plans):
@@ -145,11 +155,11 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
         if accepted:
             validation, candidate, models = check(accepted)
     if not accepted:
-        return _original(skeleton, ctx, reference, events, "no subgraph rewrite beat its own timing noise "
-                         "and passed the end-to-end checks; the output is the original model")
+        return _fallback(base, skeleton, ctx, reference, events, "no subgraph rewrite was confirmed faster and "
+                         "passed the end-to-end checks")
     # (3) speed, side by side
     for attempt in range(MAX_SPEED_ROLLBACKS + 1):
-        side = cached_side_by_side(ctx, skeleton, candidate)
+        side = timed(ctx, skeleton, candidate)
         events.append({"event": "side_by_side", "attempt": attempt, **side.to_dict()})
         if side.significant() or allow_slower:
             return Assembly(candidate, True, validation, side, dict(accepted), events,
@@ -163,8 +173,8 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
         validation, candidate, models = check(accepted)
         if not validation.ok:
             break
-    return _original(skeleton, ctx, reference, events, "the merged rewrites were not faster than the original "
-                     "end to end (beyond the A/A noise); the output is the original model")
+    return _fallback(base, skeleton, ctx, reference, events, "the merged subgraph rewrites were not faster end to "
+                     "end (beyond the A/A noise)")
 
 
 def accurate_subset(order: list[str], accepted: dict, passes_check: Callable[[dict], bool]) -> tuple[dict, list]:
@@ -187,11 +197,15 @@ def merge_for(skeleton: onnx.ModelProto, leaf_models: list[onnx.ModelProto]) -> 
     return merged
 
 
-def _original(skeleton, ctx, reference, events, message) -> Assembly:
-    validation = check_outputs(skeleton, ctx.feeds, reference, ctx.config, 0.0)
+def _fallback(base: Base, skeleton, ctx, reference, events, why: str) -> Assembly:
+    """No leaf rewrite survived: the verified pre-pass model if there is one, else the original."""
+    validation = check_outputs(base.model, ctx.feeds, reference, ctx.config, 0.0)
+    if base.side is not None:
+        return Assembly(base.model, True, validation, base.side, {}, events,
+                        f"{base.message}; {why}, so only the whole-model exact passes are applied")
     median = interleaved_medians({"original": skeleton}, ctx.feeds, ctx.config.target, rounds=5)["original"]
     side = SideBySide(median, median, median, 5)
-    return Assembly(skeleton, False, validation, side, {}, events, message)
+    return Assembly(skeleton, False, validation, side, {}, events, f"{why}; the output is the original model")
 
 
 def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
@@ -241,17 +255,22 @@ def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, fe
                       result.min_cosine, f"at other input sizes: {result.reason}")
 
 
-def cached_side_by_side(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
-                        feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15) -> SideBySide:
+def cached_side_by_side(cache, target, original: onnx.ModelProto, candidate: onnx.ModelProto,
+                        feeds: Mapping[str, np.ndarray], rounds: int = 15) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision)."""
-    key = ctx.cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (), kind="side-by-side")
-    entry = ctx.cache.get(key)
+    key = cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (), kind="side-by-side")
+    entry = cache.get(key)
     if entry is not None:
         return SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"])
-    side = steady_side_by_side(original, candidate, ctx.feeds if feeds is None else feeds, ctx.config.target, rounds)
-    ctx.cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms,
-                  rounds=side.rounds)
+    side = steady_side_by_side(original, candidate, feeds, target, rounds)
+    cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds)
     return side
+
+
+def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
+          feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15) -> SideBySide:
+    return cached_side_by_side(ctx.cache, ctx.config.target, original, candidate,
+                               ctx.feeds if feeds is None else feeds, rounds)
 
 
 MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was disturbed

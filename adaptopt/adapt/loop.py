@@ -13,7 +13,8 @@ from typing import Callable
 
 import onnx
 
-from adaptopt.adapt.assemble import assemble, finalize
+from adaptopt.adapt.assemble import Base, assemble, finalize
+from adaptopt.adapt.prepass import prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
 from adaptopt.adapt.granularity import adapt_round, search_leaves
 from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
@@ -89,14 +90,21 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("capture")
     feeds = make_inputs(model, config)
-    index = GraphIndex.build(model)
     outputs = [o.name for o in model.graph.output]
     reference = {k: v for k, v in capture(model, feeds, outputs, config.target).items() if k in outputs}
     if options.passes:
         return _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock)
 
+    clock.stage("pre-pass")
+    cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
+    pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache)
+    say(f"whole-model exact passes: {pre.reason}")
+    base = Base(with_signature(pre.model, skeleton), pre.side, f"whole-model exact passes: {pre.reason}") \
+        if pre.kept else None
+
     clock.stage("calibrate")
-    ctx, machine = prepare_run(model, index, feeds, config, budget, deadline)
+    index = GraphIndex.build(pre.model)
+    ctx, machine = prepare_run(pre.model, index, feeds, config, budget, deadline, cache=cache)
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     leaves = tree.leaves()
@@ -123,7 +131,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
             break
 
     clock.stage("merge + verify")
-    assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say)
+    assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say, base)
     clock.stage("counters")
     counters = leaf_counters(ctx, plans, assembly.accepted)
     ctx.measurer.close()
@@ -135,6 +143,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     from adaptopt.report.optimize import build_report
     report = build_report(model, config, machine, tree, plans, history, assembly, clock.seconds, budget, seed,
                           measurements, ctx.cache.hits, counters)
+    report["prepass"] = pre.to_dict()
     return finalize(assembly, report, tree)
 
 

@@ -20,7 +20,7 @@ from adaptopt.errors import InputError
 from adaptopt.graph.capture import capture
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import Subgraph
-from adaptopt.graph.subgraph import extract_range
+from adaptopt.graph.subgraph import extract_range, fill_missing_types
 from adaptopt.runtime import make_session, run
 
 
@@ -136,6 +136,7 @@ class RunContext:
     def env_for(self, sub: Subgraph) -> SubgraphEnv:
         from adaptopt.passes.base import PassContext
         self.ensure_captured(list(sub.boundary_inputs) + list(sub.boundary_outputs))
+        fill_missing_types(self.index, list(sub.boundary_inputs) + list(sub.boundary_outputs), self.feeds)
         model = materialize_weights(extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}"))
         feeds = {n: self.values[n] for n in sub.boundary_inputs}
         reference = {n: self.values[n] for n in sub.boundary_outputs}
