@@ -33,11 +33,18 @@ def write_report(report: dict, path: str) -> None:
 
 
 def progress_printer():
-    """A progress callback that prints stage lines to stderr when it is a terminal."""
+    """A progress callback drawing click's progress bar on stderr (None when not a terminal)."""
     if not sys.stderr.isatty():
         return None
+    bars: dict[str, object] = {}
 
     def show(stage: str, done: int, total: int) -> None:
-        click.echo(f"\r{stage}: {done}/{total}", err=True, nl=done >= total)
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = click.progressbar(length=total, label=f"{stage:<24}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
 
     return show

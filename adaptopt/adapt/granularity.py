@@ -41,8 +41,9 @@ class LeafPlan:
 
 
 def search_leaves(ctx: RunContext, envs: list[SubgraphEnv], table: QTable, settings: QSettings,
-            seed: int) -> list[LeafPlan]:
-    results = q_learning(envs, table, settings, seed, should_stop=ctx.expired)
+                  seed: int, stage: str = "policy") -> list[LeafPlan]:
+    progress = None if ctx.progress is None else (lambda done, total: ctx.progress(stage, done, total))
+    results = q_learning(envs, table, settings, seed, should_stop=ctx.expired, progress=progress)
     return [LeafPlan(env, res) for env, res in zip(envs, results)]
 
 
@@ -62,7 +63,8 @@ def adapt_round(ctx: RunContext, tree: PartitionTree, plans: dict[str, LeafPlan]
             continue
         left = tree.make(f"{leaf.id}.0", leaf.id, leaf.start, cut, leaf.depth + 1)
         right = tree.make(f"{leaf.id}.1", leaf.id, cut, leaf.stop, leaf.depth + 1)
-        children = search_leaves(ctx, [ctx.env_for(left), ctx.env_for(right)], table, settings, seed)
+        children = search_leaves(ctx, [ctx.env_for(left), ctx.env_for(right)], table, settings, seed,
+                                 f"subdivide {leaf.id}")
         gain = sum(c.gain_ms for c in children)
         kept = gain > plan.gain_ms
         history.append({"action": "subdivide", "leaf": leaf.id, "cut_at": cut, "children": [left.id, right.id],
@@ -79,7 +81,7 @@ def adapt_round(ctx: RunContext, tree: PartitionTree, plans: dict[str, LeafPlan]
             break
         parent = tree.nodes[parent_id]
         a, b = (plans[c] for c in parent.children)
-        [merged] = search_leaves(ctx, [ctx.env_for(parent)], table, settings, seed)
+        [merged] = search_leaves(ctx, [ctx.env_for(parent)], table, settings, seed, f"merge into {parent_id}")
         kept = merged.gain_ms > a.gain_ms + b.gain_ms
         history.append({"action": "merge", "leaves": list(parent.children), "into": parent_id,
                         "gain_ms_before": round(a.gain_ms + b.gain_ms, 5),

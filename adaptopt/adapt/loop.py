@@ -114,9 +114,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("policy")
     table = QTable.load_or_new(options.qtable or config.policy.qtable)
     settings = q_settings(config)
-    _progress(options, "profile + policy", 0, len(leaves))
+    ctx.progress = options.progress
     plans = {p.env.leaf_id: p for p in search_leaves(ctx, [ctx.env_for(s) for s in leaves], table, settings, seed)}
-    _progress(options, "profile + policy", len(leaves), len(leaves))
 
     clock.stage("granularity")
     history: list[dict] = []
@@ -188,11 +187,6 @@ def _node_times(model: onnx.ModelProto, feeds, config: Config, cache: Measuremen
         entry = {"node_times_ms": dict(measurement.node_times_ms or {})}
         cache.put(key, **entry)
     return dict(entry["node_times_ms"])
-
-
-def _progress(options: OptimizeOptions, stage: str, done: int, total: int) -> None:
-    if options.progress is not None:
-        options.progress(stage, done, total)
 
 
 def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock) -> OptimizeResult:

@@ -121,6 +121,7 @@ class RunContext:
     accuracy_budget: float
     values: dict[str, np.ndarray] = field(default_factory=dict)
     model_passes: list = field(default_factory=list)
+    progress: Callable[[str, int, int], None] | None = None
     deadline: Deadline = field(default_factory=lambda: Deadline(None))
     node_times_ms: dict[str, float] = field(default_factory=dict)
 

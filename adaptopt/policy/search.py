@@ -151,7 +151,7 @@ def greedy_rollout(env: Environment, table: QTable, max_sequence: int) -> Sequen
 
 
 def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, seed: int = 0,
-               should_stop=lambda: False) -> list[SearchResult]:
+               should_stop=lambda: False, progress=None) -> list[SearchResult]:
     """Train on all subgraphs for ``settings.epochs`` (one episode each per epoch), then roll out.
 
     The table is shared across subgraphs (and across models, via its file). The final
@@ -171,6 +171,8 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
             total, seq = run_episode(env, table, settings, epsilon, rng, logs[i])
             curves[i].append(total)
             visited[i].append(seq)
+            if progress is not None:
+                progress(epoch * len(envs) + i + 1, settings.epochs * len(envs))
     results = []
     for i, env in enumerate(envs):
         rollout = greedy_rollout(env, table, settings.max_sequence)
