@@ -50,10 +50,10 @@ class PartitionTree:
         return sorted((s for s in self.nodes.values() if not s.children), key=lambda s: s.start)
 
     def make(self, sid: str, parent: str | None, start: int, stop: int, depth: int) -> Subgraph:
-        ins, outs, inits = self.index.boundary(start, stop)
-        names = tuple(self.index.nodes[i].name for i in range(start, stop))
-        return Subgraph(sid, parent, start, stop, depth, names, tuple(ins), tuple(outs), tuple(inits),
-                        self.index.content_hash(start, stop))
+        boundary = self.index.boundary(start, stop)
+        ins, outs, inits = boundary
+        return Subgraph(sid, parent, start, stop, depth, self.index.node_names(start, stop), tuple(ins),
+                        tuple(outs), tuple(inits), self.index.hash_with_boundary(start, stop, boundary))
 
     def set_children(self, sid: str, children: tuple[str, ...]) -> None:
         import dataclasses
@@ -95,24 +95,25 @@ def partition(index: GraphIndex, depth: int, min_nodes: int) -> PartitionTree:
 
 
 def crossing_costs(index: GraphIndex, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each cut position k in (start, stop): tensors and bytes produced before k and read at or after k."""
+    """For each cut position k in (start, stop): tensors and bytes produced before k and read at or after k.
+
+    A tensor written at ``pos`` whose last reader inside the range is ``last`` crosses
+    the cuts k in (pos, last]; tensors of unknown size count 4096 bytes. Array work
+    over the range's write slots (difference arrays, then a prefix sum).
+    """
     n = stop - start
-    count_diff = np.zeros(n + 1, dtype=np.int64)
-    bytes_diff = np.zeros(n + 1, dtype=np.float64)
-    for pos in range(start, stop):
-        for out in index.nodes[pos].output:
-            if not out:
-                continue
-            last = max((c for c in index.consumers.get(out, ()) if c < stop), default=None)
-            if last is None or last <= pos:
-                continue
-            size = index.tensor_bytes(out)
-            # cut k (boundary before node k) crosses this tensor for k in (pos, last]
-            count_diff[pos + 1 - start] += 1
-            count_diff[last + 1 - start] -= 1
-            bytes_diff[pos + 1 - start] += size if size is not None else 4096.0
-            bytes_diff[last + 1 - start] -= size if size is not None else 4096.0
-    return np.cumsum(count_diff)[:n], np.cumsum(bytes_diff)[:n]
+    t = index.tables
+    slots = np.arange(t.write_offsets[start], t.write_offsets[stop])
+    pos = t.write_producer[slots]
+    last = t.last_reader_before(index, slots, stop)
+    crossing = last > pos
+    first_k, end_k = pos[crossing] + 1 - start, last[crossing] + 1 - start
+    sizes = index.written_sizes()[slots[crossing]]
+    sizes = np.where(np.isnan(sizes), 4096.0, sizes)
+    count_diff = np.bincount(first_k, minlength=n + 1) - np.bincount(end_k, minlength=n + 1)
+    # byte sizes are whole numbers, so float sums are exact whatever the order of additions
+    bytes_diff = np.bincount(first_k, sizes, minlength=n + 1) - np.bincount(end_k, sizes, minlength=n + 1)
+    return np.cumsum(count_diff, dtype=np.int64)[:n], np.cumsum(bytes_diff, dtype=np.float64)[:n]
 
 
 def best_cut(index: GraphIndex, start: int, stop: int, min_nodes: int,
@@ -139,8 +140,8 @@ def best_cut(index: GraphIndex, start: int, stop: int, min_nodes: int,
 
 def _window(n: int, min_nodes: int, window: tuple[float, float], weight: np.ndarray | None) -> tuple[int, int]:
     if weight is None:
-        lo_k = max(min_nodes, int(math.floor(n * window[0])))
-        hi_k = min(n - min_nodes, int(math.ceil(n * window[1])))
+        lo_k = max(min_nodes, math.floor(n * window[0]))
+        hi_k = min(n - min_nodes, math.ceil(n * window[1]))
         return max(lo_k, 1), hi_k
     cum = np.cumsum(np.asarray(weight, dtype=np.float64))
     total = cum[-1] if cum[-1] > 0 else 1.0

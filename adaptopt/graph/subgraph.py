@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
-
 import onnx
 from onnx import TensorProto, helper
 
@@ -42,31 +41,46 @@ def extract_range(index: GraphIndex, start: int, stop: int, name: str = "subgrap
     ``weight_refs`` maps initializer names to (file, offset, length) in a shared weights
     file; those initializers are written as external references instead of copied.
     """
+    return _range_model(index, start, stop, name, weight_refs or {}, {})
+
+
+def external_stub(src: TensorProto, ref: tuple[str, int, int]) -> TensorProto:
+    """A tensor with ``src``'s name, type and dims whose data is at ``ref`` = (file, offset, length)."""
+    tensor = TensorProto(name=src.name, data_type=src.data_type, dims=src.dims)
+    _set_external(tensor, *ref)
+    return tensor
+
+
+def _range_model(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
+                 stubs: dict[str, TensorProto]) -> onnx.ModelProto:
+    """``extract_range``; ``stubs`` caches the external stubs made so far (a tree's files share them)."""
     inputs, outputs, inits = index.boundary(start, stop)
-    nodes = [index.nodes[i] for i in range(start, stop)]
-    initializers = []
-    for init_name in inits:
-        tensor = TensorProto()
-        ref = weight_refs.get(init_name) if weight_refs else None
-        if ref is None:
-            tensor.CopyFrom(index.initializers[init_name])
-        else:
-            src = index.initializers[init_name]
-            tensor.name, tensor.data_type = src.name, src.data_type
-            tensor.dims.extend(src.dims)
-            _set_external(tensor, *ref)
-        initializers.append(tensor)
-    produced = {o for n in nodes for o in n.output if o}
-    internal_vi = [index.value_info[t] for t in sorted(produced - set(outputs)) if t in index.value_info
-                   and has_type(index.value_info[t])]
-    graph = helper.make_graph(nodes, name, [_value_info(index, n) for n in inputs],
-                              [_value_info(index, n) for n in outputs], initializer=initializers,
-                              value_info=internal_vi)
+    for n in inits:
+        if n in weight_refs and n not in stubs:
+            stubs[n] = external_stub(index.initializers[n], weight_refs[n])
     src = index.model
-    model = helper.make_model(graph, opset_imports=list(src.opset_import), ir_version=src.ir_version,
-                              producer_name="adaptopt")
+    # Filled in place: helper.make_model would copy the whole graph once more (the root
+    # holds every node). extend() copies, so the index's own protos are passed as they are.
+    model = onnx.ModelProto(ir_version=src.ir_version, producer_name="adaptopt")
+    graph = model.graph
+    graph.node.extend(index.nodes[start:stop])
+    graph.name = name
+    graph.input.extend(_value_info(index, n) for n in inputs)
+    graph.output.extend(_value_info(index, n) for n in outputs)
+    graph.initializer.extend(stubs[n] if n in stubs else index.initializers[n] for n in inits)
+    graph.value_info.extend(_internal_value_info(index, start, stop))
+    model.opset_import.extend(src.opset_import)
     model.functions.extend(src.functions)
     return model
+
+
+def _internal_value_info(index: GraphIndex, start: int, stop: int) -> list[onnx.ValueInfoProto]:
+    """Typed value infos of the tensors written and only read inside [start, stop), by name."""
+    t = index.tables
+    a, b = t.write_offsets[start], t.write_offsets[stop]
+    ids = t.write_tensor[a:b][(t.write_leaves_at[a:b] < stop) & index.written_typed()[a:b]]
+    ids = ids[np.argsort(t.name_rank[ids])]
+    return [index.value_info[t.tensor_names[i]] for i in ids.tolist()]
 
 
 def extract(index: GraphIndex, sub: Subgraph) -> onnx.ModelProto:
@@ -106,7 +120,7 @@ def fill_missing_types(index: GraphIndex, names: Iterable[str], feeds: Mapping[s
                 raise InputError(f"the rank of tensor '{out.name}' is unknown until the model runs: give the "
                                  "input shapes (config inputs: or --input-shape) so adaptopt can run it once")
             shape = [None] * values[out.name].ndim
-        index.value_info[out.name] = _ort_value_info(out.name, out.type, shape)
+        index.set_value_info(out.name, _ort_value_info(out.name, out.type, shape))
 
 
 _ORT_TYPES = {
@@ -149,10 +163,11 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
     index = tree.index
     fill_missing_types(index, [n for s in tree.nodes.values() for n in s.boundary_inputs + s.boundary_outputs], feeds)
     refs = write_weights(index, directory)
+    stubs: dict[str, TensorProto] = {}  # each weight's external stub is made once, not once per file
     entries = []
     for sub in sorted(tree.nodes.values(), key=lambda s: (s.depth, s.start)):
         file_name = f"sg_{sub.id}.onnx"
-        model = extract_range(index, sub.start, sub.stop, name=f"sg_{sub.id}", weight_refs=refs)
+        model = _range_model(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs)
         if sub.id == tree.root:
             _keep_original_signature(model, index.model)
         with atomic_path(directory / file_name) as tmp:
