@@ -144,10 +144,10 @@ class RunContext:
         ctx = PassContext(target=self.config.target, feeds=feeds, accuracy_budget=self.accuracy_budget,
                           seed=self.config.policy.seed)
         op_times: dict[str, float] = {}
-        for name in sub.node_names:
+        for offset, name in enumerate(sub.node_names):
             if name in self.node_times_ms:
-                node = self.index.nodes[sub.start + sub.node_names.index(name)]
-                op_times[node.op_type] = op_times.get(node.op_type, 0.0) + self.node_times_ms[name]
+                op_type = self.index.nodes[sub.start + offset].op_type
+                op_times[op_type] = op_times.get(op_type, 0.0) + self.node_times_ms[name]
         return SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
                            self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
                                                                       self.accuracy_budget),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable
 
 import onnx
 from onnx import helper
@@ -24,54 +24,58 @@ from adaptopt.graph.io import attach_external_data, check_model, parse_model
 from adaptopt.graph.subgraph import MANIFEST_FORMAT
 
 
-def merge_models(skeleton: onnx.ModelProto, leaves: Sequence[onnx.ModelProto]) -> onnx.ModelProto:
-    graph_inputs = [i.name for i in skeleton.graph.input]
-    taken: set[str] = set(graph_inputs)
-    nodes: list[onnx.NodeProto] = []
+def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -> onnx.ModelProto:
+    """One model from ``leaves`` (in topological order) with ``skeleton``'s signature.
+
+    Fills a single ModelProto in place (no intermediate copies), and ``leaves`` may be
+    a generator: each leaf is read, copied in and can be dropped before the next.
+    """
+    model = onnx.ModelProto()
+    graph = model.graph
+    io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
+    taken: set[str] = {i.name for i in skeleton.graph.input}
     node_names: set[str] = set()
     initializers: dict[str, onnx.TensorProto] = {}
-    value_info: dict[str, onnx.ValueInfoProto] = {}
+    value_info: set[str] = set()
     opsets: dict[str, int] = {}
     functions: dict[tuple[str, str], onnx.FunctionProto] = {(f.domain, f.name): f for f in skeleton.functions}
     _union_opsets(opsets, skeleton, "the original model")
+    ir_version = skeleton.ir_version
     for i, leaf in enumerate(leaves):
         g = leaf.graph
+        ir_version = max(ir_version, leaf.ir_version)
         boundary = {t.name for t in g.input} | {t.name for t in g.output}
         renames = _internal_renames(g, boundary, taken, initializers, f"l{i}")
         for tensor in g.initializer:
             name = renames.get(tensor.name, tensor.name)
             if name not in initializers:
-                copy = onnx.TensorProto()
+                copy = graph.initializer.add()
                 copy.CopyFrom(tensor)
                 copy.name = name
                 initializers[name] = copy
         for node in g.node:
-            new = onnx.NodeProto()
+            new = graph.node.add()
             new.CopyFrom(node)
             _rename_node_io(new, renames)
             new.name = _unique(new.name or new.op_type, node_names)
             node_names.add(new.name)
-            nodes.append(new)
             taken.update(o for o in new.output if o)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             name = renames.get(vi.name, vi.name)
-            if name not in value_info and name not in initializers and has_type(vi):
-                copy = onnx.ValueInfoProto()
+            if name not in value_info and name not in initializers and name not in io_names and has_type(vi):
+                copy = graph.value_info.add()
                 copy.CopyFrom(vi)
                 copy.name = name
-                value_info[name] = copy
+                value_info.add(name)
         _union_opsets(opsets, leaf, f"leaf {i}")
         for f in leaf.functions:
             functions.setdefault((f.domain, f.name), f)
-    io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
-    skeleton_inits = [t for t in skeleton.graph.initializer if t.name not in initializers]
-    graph = helper.make_graph(
-        nodes, skeleton.graph.name, list(skeleton.graph.input), list(skeleton.graph.output),
-        initializer=list(initializers.values()) + skeleton_inits,
-        value_info=[v for n, v in value_info.items() if n not in io_names],
-        doc_string=skeleton.graph.doc_string)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())])
-    model.ir_version = max([skeleton.ir_version] + [leaf.ir_version for leaf in leaves])
+    graph.name, graph.doc_string = skeleton.graph.name, skeleton.graph.doc_string
+    graph.input.extend(skeleton.graph.input)
+    graph.output.extend(skeleton.graph.output)
+    graph.initializer.extend(t for t in skeleton.graph.initializer if t.name not in initializers)
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(opsets.items()))
+    model.ir_version = ir_version
     for field_name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field_name, getattr(skeleton, field_name))
     model.metadata_props.extend(skeleton.metadata_props)
@@ -191,12 +195,15 @@ def merge_directory(directory: str | Path) -> onnx.ModelProto:
     if missing:
         raise InputError(f"{directory}/manifest.json: tree node(s) {missing} have no entry")
     skeleton = _load_file(directory, files[manifest["root"]], load_weights=False)
-    leaves = []
-    for sid in manifest["leaves"]:
-        leaf = _load_file(directory, files[sid], load_weights=True)
-        _check_leaf_boundary(leaf, expected[sid], sid, {i.name for i in skeleton.graph.input})
-        leaves.append(leaf)
-    model = merge_models(skeleton, leaves)
+    graph_inputs = {i.name for i in skeleton.graph.input}
+
+    def leaves():  # one leaf in memory at a time
+        for sid in manifest["leaves"]:
+            leaf = _load_file(directory, files[sid], load_weights=True)
+            _check_leaf_boundary(leaf, expected[sid], sid, graph_inputs)
+            yield leaf
+
+    model = merge_models(skeleton, leaves())
     check_model(model, f"merged model from {directory}")
     return model
 
