@@ -1,7 +1,9 @@
 """Numerical comparison of two runs: the one rule every rewrite is judged by.
 
 Exact mode: every output's max |a - b| relative to the output's scale (max |a|, at
-least 1) must be <= ``exact_tolerance``. Lossy mode (a budget > 0): every output's
+least 1) must be <= ``exact_tolerance``, and its cosine similarity >= ``EXACT_MIN_COSINE``
+unless the output is negligible (max |a| <= ``exact_tolerance``): a small absolute
+error on a small-valued output can still point it somewhere else entirely. Lossy mode (a budget > 0): every output's
 cosine similarity with the reference must be >= the budget. Non-finite values must
 match position for position in both modes.
 """
@@ -15,6 +17,9 @@ from typing import Mapping
 import numpy as np
 
 
+EXACT_MIN_COSINE = 0.999
+
+
 @dataclass(frozen=True)
 class OutputDiff:
     name: str
@@ -23,6 +28,7 @@ class OutputDiff:
     cosine: float
     shape_ok: bool
     finite_ok: bool
+    scale: float = 1.0  # max |reference|
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,8 @@ def diff_output(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDiff:
                  and bool(np.array_equal(r[inf_r], g[inf_g])))
     both = finite_r & finite_g
     abs_diff = float(np.max(np.abs(r[both] - g[both]))) if both.any() else 0.0
-    scale = max(1.0, float(np.max(np.abs(r[both]))) if both.any() else 1.0)
-    return OutputDiff(name, abs_diff, abs_diff / scale, cosine(r, g), True, finite_ok)
+    magnitude = float(np.max(np.abs(r[both]))) if both.any() else 0.0
+    return OutputDiff(name, abs_diff, abs_diff / max(1.0, magnitude), cosine(r, g), True, finite_ok, magnitude)
 
 
 def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
@@ -96,8 +102,11 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     else:
         mode, threshold = "exact", exact_tolerance
         failing = [d for d in diffs if d.relative_diff > exact_tolerance]
+        turned = [d for d in diffs if d.cosine < EXACT_MIN_COSINE and d.scale > exact_tolerance]
         if failing:
             reason = f"relative diff {failing[0].relative_diff:.3g} > {exact_tolerance} on '{failing[0].name}'"
+        elif turned:
+            reason = f"cosine {turned[0].cosine:.6f} < {EXACT_MIN_COSINE} on '{turned[0].name}' (small values, new direction)"
     if bad_shape:
         reason = f"shape changed on '{bad_shape[0]}'"
     elif bad_finite:

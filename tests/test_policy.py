@@ -170,3 +170,15 @@ def test_policy_show_cli(tmp_path):
 
 
 
+
+
+def test_exact_validation_refuses_a_new_direction_on_small_outputs():
+    """Small-valued outputs: a tiny absolute error can still change the output's direction."""
+    import numpy as np
+    from adaptopt.validate import compare
+    ref = {"y": np.array([2e-4, 0.0], np.float32)}
+    turned = compare(ref, {"y": np.array([1.2e-4, 0.9e-4], np.float32)}, 1e-4)  # each error < 1e-4
+    assert not turned.ok and "cosine" in turned.reason
+    assert compare(ref, {"y": ref["y"] * (1 + 1e-6)}, 1e-4).ok
+    negligible = {"y": np.array([1e-9, -1e-9], np.float32)}
+    assert compare(negligible, {"y": -negligible["y"]}, 1e-4).ok  # below the tolerance: nothing to point
