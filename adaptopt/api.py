@@ -10,7 +10,7 @@ import onnx
 from adaptopt.config import Config
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
-from adaptopt.graph.io import dynamic_inputs, load_model, save_model
+from adaptopt.graph.io import atomic_directory, dynamic_inputs, load_model, save_model
 from adaptopt.graph.merge import merge_directory
 from adaptopt.graph.partition import PartitionTree, partition
 from adaptopt.graph.subgraph import write_tree
@@ -42,7 +42,8 @@ def split(source: str | Path, directory: str | Path, config: Config | None = Non
     config = config or Config()
     model = load_model(source, config)
     tree = build_tree(model, config, granularity)
-    manifest = write_tree(tree, directory, source=str(source), feeds=try_make_inputs(model, config))
+    with atomic_directory(directory) as staging:  # all files or none (issue 7)
+        manifest = write_tree(tree, staging, source=str(source), feeds=try_make_inputs(model, config))
     return SplitResult(tree, manifest, Path(directory))
 
 
@@ -55,9 +56,129 @@ def merge(directory: str | Path, destination: str | Path | None = None) -> onnx.
 
 
 # ---------------------------------------------------------------- profile (issue 3)
+def profile(source: str | Path, config: Config | None = None, granularity: int | None = None):
+    """Profile a model (path or ``-``) subgraph by subgraph on real activations.
+
+    Returns a :class:`adaptopt.profile.ProfileReport`; ``adaptopt.report.schema.profile_dict``
+    turns it into the versioned JSON shape. A dynamic input dim without a shape raises
+    :class:`InputError` naming the input.
+    """
+    from adaptopt.profile import profile_model
+    config = config or Config()
+    model = load_model(source, config)
+    name = "<stdin>" if str(source) == "-" else str(source)
+    return profile_model(model, config, granularity, name=name)
+
+
+def hal_status(config: Config | None = None, recalibrate: bool = False) -> dict:
+    """Execution providers present, each counter backend (available? why) and the machine calibration
+    (read from the cache; measured and cached when absent or when ``recalibrate``)."""
+    import onnxruntime as ort
+
+    from adaptopt.hal.registry import describe_all
+    from adaptopt.profile.calibrate import machine_profile
+    config = config or Config()
+    machine = machine_profile(config.target, config.policy.cache_dir, refresh=recalibrate)
+    return {"onnxruntime": ort.__version__, "execution_providers": ort.get_available_providers(),
+            "backends": describe_all(), "machine": machine.to_dict()}
+
 
 
 # ---------------------------------------------------------------- passes (issue 4)
 
+@dataclass(frozen=True)
+class PassSequenceResult:
+    """A fixed pass sequence applied to a model: the new model, what each pass did,
+    and the new model validated against the original."""
+
+    model: onnx.ModelProto
+    results: tuple  # ((pass name, PassResult), ...)
+    validation: object  # adaptopt.validate.Validation
+
+    def to_dict(self) -> dict:
+        return {"passes": [{"name": n, "modified": r.modified, "changes": r.changes} for n, r in self.results],
+                "validation": self.validation.to_dict()}
+
+
+def list_passes() -> list:
+    """Every pass of the library (name, category, guarantee, description attributes)."""
+    from adaptopt.passes.registry import all_passes
+    return all_passes()
+
+
+def apply_passes(model: onnx.ModelProto, pass_names, config: Config, feeds=None) -> PassSequenceResult:
+    """Apply ``pass_names`` in order (no policy) and validate against the original.
+
+    Unknown names, or names the config disables, are refused (InputError naming the
+    pass) before anything runs. Validation uses ``feeds`` or inputs built from the
+    config; it is exact unless a lossy pass changed the model (then the budget).
+    """
+    from adaptopt.errors import InputError
+    from adaptopt.passes.base import PassContext
+    from adaptopt.passes.registry import get_pass, run_sequence
+    from adaptopt.runtime import make_session, run
+    from adaptopt.validate import compare
+    names = list(pass_names)
+    for name in names:
+        get_pass(name)
+        if name in config.passes.disabled or (config.passes.enabled and name not in config.passes.enabled):
+            raise InputError(f"pass '{name}' is disabled by the config ({config.source})")
+    if feeds is None:
+        feeds = try_make_inputs(model, config)
+    if feeds is None:
+        raise InputError("the model has dynamic input dims: give their shapes (config inputs: or --input-shape) "
+                         "so the passes can be validated")
+    ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=config.accuracy.budget,
+                      seed=config.policy.seed)
+    new_model, results = run_sequence(model, names, ctx)
+    lossy = any(r.modified and get_pass(n).guarantee == "lossy" for n, r in zip(names, results))
+    reference = run(make_session(model, config.target, level="disable"), feeds)
+    candidate = run(make_session(new_model, config.target, level="disable"), feeds)
+    validation = compare(reference, candidate, config.accuracy.exact_tolerance,
+                         config.accuracy.budget if lossy else 0.0)
+    return PassSequenceResult(new_model, tuple(zip(names, results)), validation)
+
+
 
 # ---------------------------------------------------------------- optimize (issue 5)
+def optimize(source: str | Path, config: Config | None = None, *, passes: list[str] | tuple[str, ...] | None = None,
+             accuracy_budget: float | None = None, seed: int | None = None, budget_s: float | None = None,
+             qtable: str | None = None, keep_subgraphs: str | Path | None = None, allow_slower: bool = False,
+             progress=None, log=None):
+    """Optimize a model file (or ``-``); returns an ``OptimizeResult`` (the model is not written).
+
+    The returned model keeps the input's signature (dynamic dims stay dynamic); the
+    work is done at the shapes given by the config's ``inputs``.
+    """
+    from adaptopt.adapt.loop import OptimizeOptions, optimize_model
+    from adaptopt.errors import ConfigError
+    config = config or Config()
+    if accuracy_budget is not None and not 0.0 <= accuracy_budget <= 1.0:
+        raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {accuracy_budget}")
+    skeleton = load_model(source, config.replace(inputs={}), infer=False)
+    model = pinned_copy(skeleton, config, str(source))
+    options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
+                              allow_slower, progress, log)
+    result = optimize_model(model, skeleton, config, options)
+    if keep_subgraphs is not None and result.tree is not None:
+        write_optimized_tree(result, keep_subgraphs, str(source))
+    return result
+
+
+def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.ModelProto:
+    """A copy of ``skeleton`` with dynamic dims pinned from the config and shapes inferred."""
+    from adaptopt.graph.io import infer_shapes, pin_input_shapes
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    if config.inputs:
+        model = pin_input_shapes(model, config.inputs, name)
+    return infer_shapes(model, name)
+
+
+def write_optimized_tree(result, directory: str | Path, source: str) -> dict:
+    """``--keep-subgraphs``: the partition tree with the chosen leaf rewrites in place."""
+    manifest = write_tree(result.tree, directory, source=source)
+    files = {n["id"]: n["file"] for n in manifest["nodes"]}
+    for leaf_id, leaf_model in result.leaf_models.items():
+        save_model(leaf_model, Path(directory) / files[leaf_id])
+    return manifest

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
+from pathlib import Path
 import traceback
 
 
 import click
 
-from adaptopt import __version__
+from adaptopt import __version__, signals
 from adaptopt.errors import AdaptoptError, ExitCode
 
 
@@ -25,13 +27,14 @@ def command(fn):
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False) or (click.get_current_context().find_root().params.get("debug"))
         try:
-            return fn(*args, **kwargs)
+            with signals.interrupts_as_exceptions():  # SIGTERM unwinds like Ctrl-C: temp files cleaned
+                return fn(*args, **kwargs)
         except AdaptoptError as exc:
             if debug:
                 traceback.print_exc()
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, int(exc.exit_code))
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except KeyboardInterrupt as exc:
+            _fail(signals.describe(exc), signals.exit_code(exc))
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - the one place a bug becomes exit 1
@@ -95,12 +98,111 @@ def merge(directory: str, output: str) -> None:
 
 
 # ---------------------------------------------------------------- profile / hal (issue 3)
+@cli.command()
+@click.argument("model", type=str)
+@click.option("--granularity", type=click.IntRange(0, 20), default=None,
+              help="Depth of the partition tree (default: the config's initial_granularity).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "md"]), default="table",
+              show_default=True, help="Report format.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the report to FILE instead of stdout.")
+@config_options
+@command
+def profile(model: str, granularity: int | None, fmt: str, output: str | None, config_path: str | None,
+            input_shapes: tuple[str, ...]) -> None:
+    """Time every subgraph of MODEL (a path or -) on real activations and say what bounds it."""
+    from adaptopt import api
+    from adaptopt.report.render import render
+    report = api.profile(model, load_run_config(config_path, input_shapes), granularity)
+    text = render(report, fmt)
+    if output is None:
+        click.echo(text)
+        return
+    from pathlib import Path
+
+    from adaptopt.graph.io import atomic_path
+    with atomic_path(Path(output)) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    click.echo(f"wrote {output}: {len(report.leaves)} leaves profiled in {report.wall_s:.1f} s", err=True)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (target execution providers and threads; default: built-in CPU settings).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--recalibrate", is_flag=True, help="Measure the machine again instead of reading the cache.")
+@command
+def hal(config_path: str | None, fmt: str, recalibrate: bool) -> None:
+    """Execution providers, counter backends (available? why) and the cached machine calibration."""
+    from adaptopt import api
+    from adaptopt.config import load_config
+    from adaptopt.report.render import render_hal
+    click.echo(render_hal(api.hal_status(load_config(config_path), recalibrate), fmt))
+
 
 
 # ---------------------------------------------------------------- passes (issue 4)
 
+@cli.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@command
+def passes_command(as_json: bool) -> None:
+    """List the optimization passes: name, category, guarantee, description."""
+    from adaptopt import api
+    rows = [(p.name, p.category, p.guarantee, p.description) for p in api.list_passes()]
+    if as_json:
+        keys = ("name", "category", "guarantee", "description")
+        click.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
+        return
+    from tabulate import tabulate
+    click.echo(tabulate(rows, headers=["name", "category", "guarantee", "description"]))
+
+
 
 # ---------------------------------------------------------------- optimize / policy (issue 5)
+@cli.command()
+@click.argument("model", type=str)
+@click.option("-o", "--output", default=None, help="Optimized model path or - (default: MODEL.opt.onnx).")
+@click.option("--report", "report_path", default=None, help="Write the report (.json or .md).")
+@click.option("--policy", "qtable", default=None, help="Q-table JSON: warm start from it, save to it.")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's policy.seed).")
+@click.option("--budget", "budget_s", type=click.FloatRange(min=1.0), default=None, help="Time budget in seconds.")
+@click.option("--require-speedup", type=float, default=None, help="Exit 3 if the verified speedup is below X.")
+@click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
+              help="Write the partition tree with the chosen rewrites (adaptopt merge DIR rebuilds).")
+@click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) instead of the policy.")
+@click.option("--accuracy-budget", type=float, default=None,
+              help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
+@click.option("--allow-slower", is_flag=True, help="Keep the rewrites even when not verified faster.")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
+@config_options
+@command
+def optimize(model: str, output: str | None, report_path: str | None, qtable: str | None, seed: int | None,
+             budget_s: float | None, require_speedup: float | None, keep_subgraphs: str | None, pass_list: str | None,
+             accuracy_budget: float | None, allow_slower: bool, as_json: bool, config_path: str | None,
+             input_shapes: tuple[str, ...]) -> None:
+    """Optimize MODEL (a path or -): measure each subgraph, keep only rewrites that win."""
+    from adaptopt import api
+    from adaptopt.cli_render import optimize_summary, progress_printer, write_report
+    from adaptopt.errors import GateNotMet, InputError
+    output = output or ("-" if model == "-" else str(Path(model).with_suffix("")) + ".opt.onnx")
+    if as_json and output == "-":
+        raise InputError("--json prints the summary on stdout; give -o PATH for the model")
+    config = load_run_config(config_path, input_shapes)
+    passes = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
+    result = api.optimize(model, config, passes=passes, accuracy_budget=accuracy_budget, seed=seed,
+                          budget_s=budget_s, qtable=qtable, keep_subgraphs=keep_subgraphs,
+                          allow_slower=allow_slower, progress=progress_printer(), log=lambda m: click.echo(m, err=True))
+    api.save_model(result.model, output)
+    if report_path:
+        write_report(result.report, report_path)
+    summary = optimize_summary(result, output, report_path)
+    click.echo(summary["message"], err=True)
+    if as_json:
+        click.echo(json.dumps(summary))
+    if require_speedup is not None and result.speedup < require_speedup:
+        raise GateNotMet(f"verified speedup {result.speedup:.3f}x is below --require-speedup {require_speedup} "
+                         f"(the model was written to {output})")
 @cli.group()
 def policy() -> None:
     """Inspect Q-table files written by `optimize --policy`."""

@@ -1,0 +1,230 @@
+"""A whole-model profile: partition, capture, time every leaf on real activations, classify.
+
+1. Inputs from the config (shapes, dtypes, ranges, or a ``.npz``); a dynamic dim with
+   no shape stops here with the input's name.
+2. One reference run of the whole model captures every leaf boundary tensor, and every
+   tensor whose shape inference left unknown (for the cost model).
+3. The whole model is timed (level "all", as users run it), and profiled once with
+   ORT's profiler; its per-node times are attributed to the leaves (``profiler_ms``).
+4. Each leaf is extracted and timed in its own session on its captured inputs, with
+   the HAL counters around the loop, and classified against the machine calibration.
+   A boundary input that is a constant of the whole model (a ``Constant`` node's output,
+   or computed from constants only) becomes an initializer of the leaf, as it is for
+   ORT in the whole model: fed as a run-time input it would block ORT's constant
+   folding and weight prepacking and make the leaf look slower than it is. A leaf whose
+   every output is such a constant (e.g. a run of ``Constant`` nodes) does no work per
+   run in the whole model: it is not timed (``constant: true``, 0 ms, overhead-bound).
+5. Internal tree nodes are *not* timed: their figures aggregate their leaves (sums of
+   medians, of p90s, of FLOPs and bytes; ``timed: false``). The sum of the leaf
+   medians beside the whole-model median says what the split itself costs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from adaptopt.config import Config
+from adaptopt.graph.capture import capture, make_inputs
+from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.partition import PartitionTree, Subgraph, partition
+from adaptopt.graph.subgraph import extract, fill_missing_types
+from adaptopt.hal import registry
+from adaptopt.hal.base import Reading
+from adaptopt.profile import node_times
+from adaptopt.profile.calibrate import MachineProfile, machine_profile
+from adaptopt.profile.classify import Classification, classify
+from adaptopt.profile.cost_model import ModelCost, combine, estimate, tensor_table
+from adaptopt.profile.runner import Measurement, Timing, measure
+from adaptopt.runtime import resolve_providers
+
+TOP_NODES = 3
+
+
+@dataclass(frozen=True)
+class SubgraphProfile:
+    """One tree node: what it contains, how long it took, what bounds it."""
+
+    id: str
+    parent: str | None
+    children: tuple[str, ...]
+    depth: int
+    nodes: int
+    op_types: dict[str, int]
+    timed: bool  # False: figures aggregated from the leaves below, or a constant leaf
+    latency_ms: float
+    latency_p90_ms: float
+    spread_ms: float
+    iterations: int
+    cost: ModelCost
+    classification: Classification
+    counters: dict[str, Reading] = field(default_factory=dict)
+    profiler_ms: float | None = None  # this node's share of the whole-model ORT profile
+    top_nodes: tuple[tuple[str, str, float], ...] = ()  # (node, op type, ms) from the ORT profile
+    boundary_inputs: int = 0
+    boundary_outputs: int = 0
+    content_hash: str = ""
+    constant: bool = False  # a leaf computing only constants: no work per run, not timed
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    model: str
+    target: dict
+    machine: MachineProfile
+    whole_model: SubgraphProfile
+    granularity: int
+    subgraphs: list[SubgraphProfile]
+    backends: list[dict]
+    unattributed_ms: float | None
+    wall_s: float
+
+    @property
+    def leaves(self) -> list[SubgraphProfile]:
+        return [s for s in self.subgraphs if not s.children]
+
+    @property
+    def sum_leaf_median_ms(self) -> float:
+        return float(sum(s.latency_ms for s in self.leaves))
+
+
+def _capture_all(model: onnx.ModelProto, feeds: dict, boundary: list[str], config: Config
+                 ) -> tuple[dict[str, np.ndarray], ModelCost]:
+    """Boundary tensors from one reference run, and the model's cost with run-time shapes."""
+    dims, sizes = tensor_table(model)
+    unknown = [o for n in model.graph.node for o in n.output if o and (o not in dims or o not in sizes)]
+    values = capture(model, feeds, boundary + unknown, config.target)
+    cost = estimate(model, values)
+    keep = set(boundary) | set(feeds)
+    return {k: v for k, v in values.items() if k in keep}, cost
+
+
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def constant_tensors(index: GraphIndex) -> set[str]:
+    """Tensors whose value does not depend on the model's inputs (Constant nodes and what
+    deterministic nodes compute from constants and initializers only)."""
+    constant = set(index.initializers)
+    for node, inputs in zip(index.nodes, index.node_inputs):
+        if node.op_type not in _RANDOM_OPS and all(name in constant for name in inputs):
+            constant.update(o for o in node.output if o)
+    return constant - set(index.initializers)
+
+
+def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[str]
+               ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The leaf as a standalone model, constant boundary inputs folded in as initializers; its feeds."""
+    model = extract(index, leaf)
+    folded = [n for n in leaf.boundary_inputs if n in constants]
+    if folded:
+        keep = [vi for vi in model.graph.input if vi.name not in constants]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.graph.initializer.extend(numpy_helper.from_array(values[n], n) for n in folded)
+    return model, {n: values[n] for n in leaf.boundary_inputs if n not in constants}
+
+
+NOT_TIMED = Timing(0.0, 0.0, 0.0, 0, ())
+
+
+def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[str], cost: ModelCost,
+                  config: Config, machine: MachineProfile) -> tuple[Measurement, ModelCost, Classification]:
+    sub_cost = cost.subset(leaf.node_names)
+    if all(n in constants for n in leaf.boundary_outputs):
+        return Measurement(NOT_TIMED, {}), sub_cost, classify(sub_cost, 0.0, machine)
+    model, feeds = leaf_model(index, leaf, values, constants)
+    m = measure(model, feeds, config, counters=True, per_node=False, cost=sub_cost)
+    return m, sub_cost, classify(sub_cost, m.timing.median_ms, machine)
+
+
+def _top_nodes(names: tuple[str, ...], node_ms: dict[str, float] | None, ops: dict[str, str]):
+    if not node_ms:
+        return (), None
+    times = [(n, ops.get(n, "?"), node_ms[n]) for n in names if n in node_ms]
+    times.sort(key=lambda t: -t[2])
+    return tuple(times[:TOP_NODES]), float(sum(t[2] for t in times))
+
+
+def _leaf_profile(sub: Subgraph, index: GraphIndex, m: Measurement, cost: ModelCost, cls: Classification,
+                  node_ms: dict[str, float] | None) -> SubgraphProfile:
+    nodes = [index.nodes[i] for i in range(sub.start, sub.stop)]
+    ops = {n.name: n.op_type for n in nodes}
+    top, profiler_ms = _top_nodes(sub.node_names, node_ms, ops)
+    t = m.timing
+    return SubgraphProfile(
+        id=sub.id, parent=sub.parent, children=sub.children, depth=sub.depth, nodes=sub.node_count,
+        op_types=dict(Counter(n.op_type for n in nodes).most_common()), timed=t.iterations > 0,
+        constant=t is NOT_TIMED, latency_ms=t.median_ms,
+        latency_p90_ms=t.p90_ms, spread_ms=t.spread_ms, iterations=t.iterations, cost=cost, classification=cls,
+        counters=m.counters, profiler_ms=profiler_ms, top_nodes=top, boundary_inputs=len(sub.boundary_inputs),
+        boundary_outputs=len(sub.boundary_outputs), content_hash=sub.content_hash)
+
+
+def _aggregate(sub: Subgraph, parts: list[SubgraphProfile], machine: MachineProfile) -> SubgraphProfile:
+    """An internal tree node from its children (not timed itself)."""
+    cost = combine([n for p in parts for n in p.cost.per_node])
+    latency = sum(p.latency_ms for p in parts)
+    ops: Counter = Counter()
+    for p in parts:
+        ops.update(p.op_types)
+    profiled = [p.profiler_ms for p in parts if p.profiler_ms is not None]
+    top = tuple(sorted((t for p in parts for t in p.top_nodes), key=lambda t: -t[2])[:TOP_NODES])
+    return SubgraphProfile(
+        id=sub.id, parent=sub.parent, children=sub.children, depth=sub.depth, nodes=sub.node_count,
+        op_types=dict(ops.most_common()), timed=False, latency_ms=latency,
+        latency_p90_ms=sum(p.latency_p90_ms for p in parts), spread_ms=sum(p.spread_ms for p in parts),
+        iterations=min((p.iterations for p in parts if p.timed), default=0), cost=cost,
+        classification=classify(cost, latency, machine, kernels=None), profiler_ms=sum(profiled) if profiled else None,
+        top_nodes=top, boundary_inputs=len(sub.boundary_inputs), boundary_outputs=len(sub.boundary_outputs),
+        content_hash=sub.content_hash)
+
+
+def _tree_profiles(tree: PartitionTree, leaves: dict[str, SubgraphProfile], machine: MachineProfile
+                   ) -> list[SubgraphProfile]:
+    """Every tree node, leaves as measured and internal nodes aggregated bottom-up."""
+    done = dict(leaves)
+    for sub in sorted(tree.nodes.values(), key=lambda s: -s.depth):
+        if sub.id not in done:
+            done[sub.id] = _aggregate(sub, [done[c] for c in sub.children], machine)
+    return sorted(done.values(), key=lambda s: (s.depth, tree.nodes[s.id].start))
+
+
+def profile_model(model: onnx.ModelProto, config: Config, granularity: int | None = None,
+                  name: str = "<model>") -> ProfileReport:
+    """Profile ``model`` (loaded with :func:`adaptopt.graph.io.load_model`) subgraph by subgraph."""
+    began = time.perf_counter()
+    depth = config.granularity.initial_granularity if granularity is None else granularity
+    feeds = make_inputs(model, config)  # a dynamic dim without a shape fails here, naming the input
+    index = GraphIndex.build(model)  # names unnamed nodes in place, before any session sees the model
+    tree = partition(index, depth, config.granularity.min_nodes)
+    leaves = tree.leaves()
+    boundary = list(dict.fromkeys(n for s in leaves for n in s.boundary_inputs + s.boundary_outputs))
+    values, cost = _capture_all(model, feeds, boundary, config)
+    fill_missing_types(index, boundary, feeds)
+    machine = machine_profile(config.target, config.policy.cache_dir)
+    whole_m = measure(model, feeds, config, counters=True, per_node=config.profiling.per_node, cost=cost)
+    whole_cls = classify(cost, whole_m.timing.median_ms, machine)
+    root = tree.nodes[tree.root]
+    whole = _leaf_profile(root, index, whole_m, cost, whole_cls, whole_m.node_times_ms)
+    measured = {}
+    constants = constant_tensors(index)
+    for leaf in leaves:
+        m, sub_cost, cls = (whole_m, cost, whole_cls) if leaf.id == tree.root else \
+            _profile_leaf(index, leaf, values, constants, cost, config, machine)
+        measured[leaf.id] = _leaf_profile(leaf, index, m, sub_cost, cls, whole_m.node_times_ms)
+    node_ms = whole_m.node_times_ms
+    unattributed = None if node_ms is None else node_ms.get(node_times.UNATTRIBUTED, 0.0)
+    target = {"execution_providers": list(config.target.execution_providers),
+              "resolved_providers": resolve_providers(config.target), "device": config.target.device,
+              "threads": config.target.threads, "pool_threads": machine.fingerprint.get("threads")}
+    backends = [{**b.describe(), "selected": b.name in config.profiling.counters}
+                for b in registry.BACKENDS]
+    return ProfileReport(model=name, target=target, machine=machine, whole_model=whole, granularity=depth,
+                         subgraphs=_tree_profiles(tree, measured, machine), backends=backends,
+                         unattributed_ms=unattributed, wall_s=time.perf_counter() - began)
