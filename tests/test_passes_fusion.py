@@ -123,3 +123,45 @@ def test_transformer_fusions_via_onnxruntime(bert_model, bert_config):
     assert result.changes["fused"]["SkipLayerNormalization"] == 4
     assert all(n.name.startswith("fuse_attention/") for n in result.model.graph.node if n.domain == "com.microsoft")
     assert_noop("fuse_attention", paddle_block())
+
+
+def _pad_conv(pads, mode="constant", value=None, conv_pads=(1, 1, 1, 1), second_reader=False, auto_pad=None):
+    """TF-style "same" padding as exporters write it: an asymmetric Pad, then a Conv."""
+    pad_inputs = ["x", "pads"] + (["value"] if value is not None else [])
+    conv_attrs = {"auto_pad": auto_pad} if auto_pad else {"pads": list(conv_pads)}
+    nodes = [helper.make_node("Pad", pad_inputs, ["xp"], mode=mode),
+             helper.make_node("Conv", ["xp", "w"], ["y"], strides=[2, 2], **conv_attrs)]
+    inits = [const("w", rng_array([4, 3, 3, 3], 3, 0.3)), numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+    if value is not None:
+        inits.append(const("value", np.array(value, np.float32)))
+    outs = [tensor("y", None)]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["xp"], ["r"]))
+        outs.append(tensor("r", None))
+    return make_model(nodes, [tensor("x", [1, 3, 9, 9])], outs, inits)
+
+
+def test_pad_conv_folds_an_asymmetric_zero_pad():
+    model = prepared(_pad_conv([0, 0, 0, 1, 0, 0, 1, 2]))
+    result = assert_rewrites("fuse_pad_conv", model, random_feeds(model), {"Pad": -1})
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
+    assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [1, 2, 2, 3]
+
+
+def test_pad_conv_folds_into_a_valid_conv():
+    """EfficientNet's export: Pad then Conv(auto_pad=VALID)."""
+    model = prepared(_pad_conv([0, 0, 0, 1, 0, 0, 1, 2], value=0.0, auto_pad="VALID"))
+    result = assert_rewrites("fuse_pad_conv", model, random_feeds(model), {"Pad": -1})
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
+    assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("case", [
+    dict(pads=[0, 0, 0, 1, 0, 0, 1, 2], mode="reflect"),      # not zeros
+    dict(pads=[0, 0, 0, 1, 0, 0, 1, 2], value=0.5),          # non-zero constant
+    dict(pads=[0, 1, 0, 0, 0, 0, 0, 0]),                      # pads the channel axis
+    dict(pads=[0, 0, 0, 1, 0, 0, 1, 2], second_reader=True),  # the padded tensor is read elsewhere
+    dict(pads=[0, 0, 0, 1, 0, 0, 1, 2], auto_pad="SAME_UPPER"),  # its own padding depends on the size
+])
+def test_pad_conv_leaves_other_pads_alone(case):
+    assert_noop("fuse_pad_conv", prepared(_pad_conv(**case)))

@@ -10,6 +10,9 @@
   ConvAdd fusions do not match).
 - ``fuse_matmul_add``: ``Add(MatMul(A, W), b)`` with constant ``W`` (2-D) and ``b`` ->
   ``Gemm``; a rank > 2 ``A`` with a static shape goes through ``Reshape``.
+- ``fuse_pad_conv``: ``Conv(Pad(X, pads))`` with a zero constant pad on the spatial axes
+  only -> ``Conv(X)`` with those pads added to its own (TF-style "same" padding that
+  exporters write as a separate, asymmetric ``Pad``; ONNX Runtime does not fold it).
 - ``fuse_conv_activation``: ``Relu/Tanh/Sigmoid/LeakyRelu/Clip/HardSigmoid(Conv)`` ->
   ``com.microsoft.FusedConv``; the same after ``Gemm`` -> ``com.microsoft.FusedGemm``
   (ONNX Runtime CPU kernels).
@@ -93,6 +96,53 @@ class FuseConvBnPass(RulePass):
             factor = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
             _set_conv_params(ed, conv, _scale_out(conv, w.astype(np.float64), factor), (b - mean) * factor + shift)
             _take_output(ed, conv, bn)
+            count += 1
+        return count
+
+
+def _zero_spatial_pads(ed: GraphEditor, pad: onnx.NodeProto) -> np.ndarray | None:
+    """The Pad's pads (begin..., end...) when it adds only zeros, only on axes >= 2."""
+    if pad.op_type != "Pad" or not _default(pad) or str(attr(pad, "mode", b"constant"), "utf-8") != "constant":
+        return None
+    if len(pad.input) > 3 and pad.input[3]:  # explicit axes (opset 18): keep the simple case only
+        return None
+    pads = ed.const(pad.input[1]) if len(pad.input) > 1 and pad.input[1] else attr(pad, "pads")
+    value = ed.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    if pads is None or value is None or np.any(np.asarray(value) != 0):
+        return None
+    pads = np.asarray(pads, dtype=np.int64).ravel()
+    rank = len(pads) // 2
+    if rank < 3 or np.any(pads < 0) or pads[:2].any() or pads[rank:rank + 2].any():
+        return None
+    return pads
+
+
+class FusePadConvPass(RulePass):
+    name = "fuse_pad_conv"
+    category = "compute"
+    guarantee = "exact"
+    description = "Zero constant Pad on spatial axes feeding only a Conv -> the Conv's own pads"
+    no_match: ClassVar[str] = "no zero spatial Pad feeding only a Conv"
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        count = 0
+        for pad in list(ed.nodes):
+            pads = _zero_spatial_pads(ed, pad)
+            conv = ed.sole_consumer(pad.output[0]) if pads is not None else None
+            if conv is None or conv.op_type != "Conv" or not _default(conv) or conv.input[0] != pad.output[0]:
+                continue
+            auto_pad = str(attr(conv, "auto_pad", b"NOTSET"), "utf-8")
+            if auto_pad not in ("NOTSET", "VALID"):  # VALID: no padding of its own (SAME_* depend on size)
+                continue
+            spatial = len(pads) // 2 - 2
+            own = list(attr(conv, "pads", [0] * (2 * spatial))) if auto_pad == "NOTSET" else [0] * (2 * spatial)
+            set_attr(conv, "auto_pad", "NOTSET")
+            begin = [own[i] + int(pads[2 + i]) for i in range(spatial)]
+            end = [own[spatial + i] + int(pads[spatial + 4 + i]) for i in range(spatial)]
+            set_attr(conv, "pads", begin + end)
+            conv.input[0] = pad.input[0]
+            ed.remove(pad)
+            ed.touch()
             count += 1
         return count
 

@@ -36,7 +36,7 @@ def _library() -> tuple[Pass, ...]:
         # the "/ 6" a hard-swish match needs), then the folds into Conv / Gemm
         patterns.FuseHardSwishPass(), patterns.FuseSiluPass(), patterns.FuseGeluPass(),
         patterns.FuseLayerNormPass(), transformer.FuseTransformerPass(),
-        fusion.FuseConvBnPass(), fusion.FuseConvAffinePass(), fusion.FuseActivationPass(),
+        fusion.FusePadConvPass(), fusion.FuseConvBnPass(), fusion.FuseConvAffinePass(), fusion.FuseActivationPass(),
         fusion.FuseMatMulAddPass(),
         # loop unrolling
         loops.UnrollLoopsPass(),
