@@ -27,7 +27,7 @@ OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 
 def _ort():
     import onnxruntime as ort
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # ORT errors reach us as exceptions; its log lines would be noise
     return ort
 
 
@@ -67,7 +67,7 @@ def session_options(target: TargetConfig, level: str = "all", profile_prefix: st
     so = ort.SessionOptions()
     so.use_per_session_threads = False
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
