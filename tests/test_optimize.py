@@ -60,6 +60,13 @@ def test_optimize_resnet_lossless(tmp_path, resnet_model, fast_config):
     assert not any(p for p in report["settings"]["passes"] if p in ("quantize_dynamic", "quantize_static_qdq"))
     assert report["result"]["latency_ms"]["original"] > 0
     assert set(report["stages_s"]) >= {"capture", "policy", "merge + verify"}
+    # every field issue 5 asks of the report
+    assert {"schema_version", "machine", "target", "leaves", "granularity_history", "learning_curve", "result",
+            "stages_s", "prepass", "events"} <= set(report)
+    assert len(report["learning_curve"]) == fast_config.policy.RL_training_epochs
+    for leaf in report["leaves"]:
+        assert {"sequence", "baseline_ms", "best_ms", "validation", "bound", "performance", "counters"} <= set(leaf)
+    assert {"speedup", "latency_ms", "accuracy"} <= set(report["result"])
 
 
 def test_optimize_bert_keeps_dynamic_signature(tmp_path, bert_model, fast_config):
@@ -200,3 +207,88 @@ def test_a_crashing_step_fails_that_step_only(tmp_path, resnet_model, fast_confi
     assert "fuse_conv_bn" not in result.sequence and result.outcome.valid
     assert any("SIGSEGV" in e for e in env.pass_errors)
     ctx.measurer.close()
+
+
+class _BreakNumericsPass:
+    """Claims to be exact but scales every Conv weight by 1.05: a bug the loop must catch."""
+
+    name, category, guarantee, scope = "break_numerics", "compute", "exact", "subgraph"
+    description = "test-only: a wrong rewrite"
+
+    def applies(self, model, ctx):
+        from adaptopt.passes.base import Applicability
+        return Applicability(any(n.op_type == "Conv" for n in model.graph.node), "")
+
+    def apply(self, model, ctx):
+        from onnx import numpy_helper
+        from adaptopt.passes.base import PassResult
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        convs = {n.input[1] for n in out.graph.node if n.op_type == "Conv"}
+        for i, t in enumerate(out.graph.initializer):
+            if t.name in convs:
+                out.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
+        return PassResult(out, True, {"rewrites": len(convs)})
+
+
+def test_a_pass_that_breaks_numerics_is_reverted_penalised_and_never_written(tmp_path, resnet_model, fast_config,
+                                                                             monkeypatch):
+    from adaptopt.passes import registry
+    library = registry.all_passes()
+    monkeypatch.setattr(registry, "all_passes", lambda: [_BreakNumericsPass()] + library)
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    q = tmp_path / "q.json"
+    result = api.optimize(path, fast_config, qtable=str(q))
+    decisions = [d for leaf in result.report["leaves"] for d in leaf["decisions"] if d.get("action") == "break_numerics"]
+    assert decisions and all(not d["valid"] and d["reward"] < 0 for d in decisions)  # detected + penalised
+    assert all("break_numerics" not in leaf["sequence"] for leaf in result.report["leaves"])  # reverted
+    table = QTable.load(q)
+    assert all(acts["break_numerics"] < 0 for acts in table.values.values() if "break_numerics" in acts)
+    _check_promise(resnet_model, result, fast_config)  # never reaches the output
+
+
+def _tiny_ops_then_conv() -> onnx.ModelProto:
+    """A long chain of tiny elementwise ops (overhead-bound leaves), then a Conv block."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    nodes, x = [], "x"
+    for i in range(24):
+        op = ("Relu", "Neg", "Abs")[i % 3]
+        nodes.append(helper.make_node(op, [x], [f"t{i}"], name=f"n{i}"))
+        x = f"t{i}"
+    nodes.append(helper.make_node("Conv", [x, "w"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subdivide_and_merge_both_happen(tmp_path, fast_config):
+    """Every leaf is below a performance threshold of 1.0 (subdivide), and the tiny-op leaves are
+    overhead-bound siblings (merge); both are tried, recorded, and the leaves still tile the graph."""
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.granularity import adapt_round, search_leaves
+    from adaptopt.adapt.loop import prepare_run, q_settings
+    from adaptopt.config import GranularityConfig
+    from adaptopt.graph.index import GraphIndex
+    from adaptopt.graph.partition import partition
+    model = api.pinned_copy(_tiny_ops_then_conv(), fast_config, "tiny")
+    feeds = make_inputs(model, fast_config)
+    index = GraphIndex.build(model)
+    config = fast_config.with_section("profiling", isolate=False)
+    ctx, _ = prepare_run(model, index, feeds, config, 0.0, cache=MeasurementCache(None, "test"))
+    tree = partition(index, 2, 2)
+    settings = q_settings(config, epochs=1)
+    plans = {p.env.leaf_id: p for p in search_leaves(ctx, [ctx.env_for(s) for s in tree.leaves()], QTable(),
+                                                      settings, 0)}
+    thresholds = GranularityConfig(initial_granularity=2, min_nodes=2, performance_threshold=1.0,
+                                   merging_threshold=1.0)
+    history = adapt_round(ctx, tree, plans, QTable(), settings, 0, thresholds)
+    actions = {h["action"] for h in history}
+    assert {"subdivide", "merge"} <= actions, history
+    assert all(isinstance(h["kept"], bool) for h in history)
+    leaves = tree.leaves()
+    assert sorted(plans) == sorted(s.id for s in leaves)
+    assert leaves[0].start == 0 and leaves[-1].stop == len(index)
+    assert all(a.stop == b.start for a, b in zip(leaves, leaves[1:]))
