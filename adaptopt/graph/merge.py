@@ -35,6 +35,7 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
     io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
     taken: set[str] = {i.name for i in skeleton.graph.input}
     node_names: set[str] = set()
+    name_counters: dict[str, int] = {}
     initializers: dict[str, onnx.TensorProto] = {}
     value_info: set[str] = set()
     opsets: dict[str, int] = {}
@@ -57,7 +58,7 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
             new = graph.node.add()
             new.CopyFrom(node)
             _rename_node_io(new, renames)
-            new.name = _unique(new.name or new.op_type, node_names)
+            new.name = _unique(new.name or new.op_type, node_names, name_counters)
             node_names.add(new.name)
             taken.update(o for o in new.output if o)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -148,12 +149,17 @@ def _rename_in_bodies(node: onnx.NodeProto, renames: dict[str, str]) -> None:
             work += [g for a in inner.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def _unique(base: str, taken: set[str], counters: dict[str, int] | None = None) -> str:
+    """``base``, or ``base_N`` with the first free N. With ``counters`` (kept by the caller for
+    one ``taken`` set) the search resumes where it stopped, so naming many nodes after one
+    base stays linear."""
     if base not in taken:
         return base
-    i = 1
+    i = counters.get(base, 1) if counters is not None else 1
     while f"{base}_{i}" in taken:
         i += 1
+    if counters is not None:
+        counters[base] = i + 1
     return f"{base}_{i}"
 
 
