@@ -78,10 +78,10 @@ class Base:
 
 def assemble(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto, reference: Mapping[str, np.ndarray],
              budget: float, allow_slower: bool, say: Callable[[str], None], base: Base | None = None) -> Assembly:
-    """Merge the confirmed leaf rewrites, verify, then decide the model-level passes."""
+    """Merge the confirmed leaf rewrites and verify them (the loop then tries whole-model
+    alternatives and model-level passes on the result)."""
     base = base or Base(skeleton)
-    assembly = _assemble_leaves(ctx, tree, plans, skeleton, reference, budget, allow_slower, say, base)
-    return with_model_passes(ctx, assembly, skeleton)
+    return _assemble_leaves(ctx, tree, plans, skeleton, reference, budget, allow_slower, say, base)
 
 
 def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Assembly:

@@ -13,7 +13,8 @@ from typing import Callable
 
 import onnx
 
-from adaptopt.adapt.assemble import Base, assemble, finalize
+from adaptopt.adapt.assemble import Base, assemble, finalize, with_model_passes
+from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
 from adaptopt.adapt.granularity import adapt_round, search_leaves
@@ -131,6 +132,9 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("merge + verify")
     assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say, base)
+    if budget > 0:
+        assembly = with_whole_model_lossy(ctx, assembly, skeleton, base or Base(skeleton), reference, budget)
+    assembly = with_model_passes(ctx, assembly, skeleton)
     clock.stage("counters")
     counters = leaf_counters(ctx, plans, assembly.accepted)
     ctx.measurer.close()
