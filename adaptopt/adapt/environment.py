@@ -98,11 +98,6 @@ class SubgraphEnv:
         """Distinct sequences this search asked for (what it paid, cache hits included)."""
         return len(self._outcomes)
 
-    @property
-    def fresh_measurements(self) -> int:
-        """Of those, the ones actually run on the target (not read from the cache)."""
-        return self._measured
-
     def category(self, action: str) -> str:
         return self._by_name[action].category
 

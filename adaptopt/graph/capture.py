@@ -126,11 +126,3 @@ def capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: It
             values[name] = onnx.numpy_helper.to_array(next(i for i in probe.graph.initializer if i.name == name))
     return values
 
-
-def reference_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-                      target: TargetConfig | None = None, level: str = "disable") -> dict[str, np.ndarray]:
-    """The model's own outputs on ``feeds``."""
-    try:
-        return run(make_session(model, target or TargetConfig(), level=level), feeds)
-    except ort_errors() as exc:
-        raise InputError(f"onnxruntime cannot run the model: {ort_error_line(exc)}") from None

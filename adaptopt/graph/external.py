@@ -241,17 +241,6 @@ def raw_bytes(tensor: TensorProto) -> bytes | None:
     return onnx.numpy_helper.to_array(tensor).tobytes() if tensor_nbytes(tensor) else None
 
 
-def tensor_array(tensor: TensorProto) -> np.ndarray:
-    """A tensor's value as numpy, also for weights kept on disk."""
-    if on_disk(tensor):
-        inline = TensorProto()
-        inline.name, inline.data_type = tensor.name, tensor.data_type
-        inline.dims.extend(tensor.dims)
-        inline.raw_data = read_external_bytes(tensor)
-        tensor = inline
-    return onnx.numpy_helper.to_array(tensor)
-
-
 def mapped_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Read-only memory maps of the main-graph initializers kept on disk, by name.
 

@@ -7,7 +7,6 @@ once into a shared ``weights.bin`` that each subgraph file points into.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -205,12 +204,4 @@ def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto) 
     model.domain, model.model_version, model.doc_string = original.domain, original.model_version, original.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 

@@ -80,9 +80,3 @@ class Backend(ABC):
         """Availability plus per-counter detail, for ``adaptopt hal``."""
         return {"name": self.name, **self.availability().to_dict()}
 
-
-class NullProbe:
-    """A probe that reads nothing (a backend not available here)."""
-
-    def stop(self, runs: int) -> dict[str, Reading]:
-        return {}

@@ -186,12 +186,6 @@ class GraphEditor:
         self._const_cache[name] = np.asarray(array)
         return name
 
-    def set_const(self, name: str, array: np.ndarray) -> None:
-        """Replace the value of an initializer that only the caller's node reads."""
-        self.inits[name] = numpy_helper.from_array(np.asarray(array), name)
-        self._const_cache[name] = np.asarray(array)
-        self.forget_type(name)
-
     def private_const(self, node: onnx.NodeProto, slot: int, array: np.ndarray, base: str) -> None:
         """Give ``node`` input ``slot`` a new constant value (a fresh initializer, so other
         readers of the old one are unaffected)."""

@@ -23,7 +23,6 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping
 
 import onnx
 
@@ -131,10 +130,3 @@ def _neighbour(names: list[str | None], i: int, prefer_next: bool) -> str | None
     before = next((n for n in reversed(names[:i]) if n), None)
     return (after or before) if prefer_next else (before or after)
 
-
-def by_subgraph(node_ms: Mapping[str, float], owner: Mapping[str, str]) -> dict[str, float]:
-    """Sum per-node times into the subgraph that owns each node (``owner``: node -> subgraph id)."""
-    totals: dict[str, float] = defaultdict(float)
-    for name, ms in node_ms.items():
-        totals[owner.get(name, UNATTRIBUTED)] += ms
-    return dict(totals)
