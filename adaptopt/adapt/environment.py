@@ -159,15 +159,13 @@ class SubgraphEnv:
             del self._steps[seq]
 
     def _apply(self, parent: Step, name: str) -> Step:
+        """A failing pass is a measured outcome: reverted, penalised, listed in ``pass_errors``."""
+        from adaptopt.passes.base import apply_guarded
         p = self._by_name[name]
-        try:
-            res = p.apply(parent.model, self.context)
-        except Exception as exc:  # noqa: BLE001 - passes wrap third-party tools (ORT quantizer, transformers
-            # fusions) that raise arbitrary types; one pass failing on one subgraph is a measured outcome
-            # (reverted, penalised, listed in the report's pass_errors), not a reason to abort the run.
-            message = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            self.pass_errors.append(message)
-            return Step(None, message)
+        res, error = apply_guarded(p, parent.model, self.context)
+        if res is None:
+            self.pass_errors.append(error)
+            return Step(None, error)
         return Step(res.model, "", parent.lossy or p.guarantee == "lossy")
 
     def _measure(self, sequence: tuple[str, ...]) -> Outcome:

@@ -53,19 +53,16 @@ def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mo
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config,
                        feeds: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """Each pass in order on the whole model; a pass that fails is skipped and named."""
-    from adaptopt.passes.base import PassContext
+    from adaptopt.passes.base import PassContext, apply_guarded
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=0.0, seed=config.policy.seed)
     applied, errors = [], []
     for p in passes:
         if p.guarantee != "exact" or p.scope == "model":
             continue
-        try:
-            result = p.apply(model, ctx)
-        except Exception as exc:  # noqa: BLE001 - as in the environment: a pass failing on this model is
-            # recorded and skipped (it wraps third-party fusion code that raises arbitrary types)
-            errors.append(f"{p.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-            continue
-        if result.modified:
+        result, error = apply_guarded(p, model, ctx)
+        if result is None:
+            errors.append(error)
+        elif result.modified:
             model = result.model
             applied.append(p.name)
     return model, applied, errors

@@ -23,7 +23,7 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
                            reference: Mapping[str, np.ndarray], budget: float) -> Assembly:
     """Try each lossy pass on the whole model; keep one only when it beats ``assembly``."""
     from adaptopt.graph.external import on_disk
-    from adaptopt.passes.base import PassContext
+    from adaptopt.passes.base import PassContext, apply_guarded
     if any(on_disk(t) for t in base.model.graph.initializer):
         return assembly  # weights kept on disk (huge model): a whole-model rewrite would load them all
     pass_ctx = PassContext(target=ctx.config.target, feeds=ctx.feeds, accuracy_budget=budget,
@@ -34,13 +34,13 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
     for p in [p for p in ctx.passes if p.guarantee == "lossy"]:
         if ctx.expired():
             break
-        try:
-            if not p.applies(cleaned, pass_ctx).ok:
-                continue
-            candidate = p.apply(cleaned, pass_ctx).model
-        except Exception as exc:  # noqa: BLE001 - as in the environment: a wrapped tool failing is a result
-            assembly.events.append({"event": "whole_model", "pass": p.name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+        result, error = apply_guarded(p, cleaned, pass_ctx)
+        if result is None:
+            assembly.events.append({"event": "whole_model", "pass": p.name, "error": error})
             continue
+        if not result.modified:
+            continue
+        candidate = result.model
         validation = check_outputs(candidate, ctx.feeds, reference, ctx.config, budget)
         if validation.ok:
             validation = check_other_shapes(skeleton, candidate, ctx.feeds, ctx.config, budget)

@@ -152,6 +152,21 @@ def ort_tool() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def apply_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[PassResult | None, str]:
+    """``p.apply`` for the optimizer: a failure comes back as one line naming the pass.
+
+    Passes wrap third-party tools (ORT's quantizer and transformer fusions) that raise
+    arbitrary exception types. For the optimizer, one pass failing on one (sub)graph is
+    an outcome to record and revert, not a reason to abort the user's run; every caller
+    puts the line in its report.
+    """
+    try:
+        return p.apply(model, ctx), ""
+    except Exception as exc:  # noqa: BLE001 - see the docstring: the failure is returned, never hidden
+        text = str(exc).strip()
+        return None, f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
