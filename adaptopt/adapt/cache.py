@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
 from adaptopt.config import TargetConfig
@@ -27,22 +26,13 @@ def default_cache_dir(configured: str | None = None) -> Path:
 
 
 def target_fingerprint(target: TargetConfig) -> str:
-    """What a timing depends on besides the graph: machine, runtime, providers, threads."""
-    import onnxruntime as ort
-    cpu = _cpu_model()
-    text = "|".join([platform.machine(), cpu, str(os.cpu_count()), ort.__version__,
-                     ",".join(target.execution_providers), str(target.threads)])
+    """What a timing depends on besides the graph: the calibration's machine fingerprint
+    (CPU model, cores, ORT version, first provider, threads, GPU name) plus the whole
+    provider chain (a fallback changes timings too)."""
+    from adaptopt.profile.calibrate import cache_key, fingerprint
+    from adaptopt.runtime import resolve_providers
+    text = cache_key(fingerprint(target)) + " | " + ",".join(resolve_providers(target))
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class MeasurementCache:
