@@ -81,7 +81,6 @@ class SubgraphEnv:
     _features: dict[tuple[str, ...], Features] = field(default_factory=dict)
     _validations: dict[tuple[str, ...], Validation] = field(default_factory=dict)
     _actions: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
-    _measured: int = 0
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
     pass_errors: list[str] = field(default_factory=list)
 
@@ -174,7 +173,6 @@ class SubgraphEnv:
         step = self.step(sequence)
         if step.model is None:
             return Outcome(math.inf, False, 0.0, step.error)
-        self._measured += 1
         try:
             outputs = self.measurer.run(step.model, self.feeds)
         except ort_errors() as exc:

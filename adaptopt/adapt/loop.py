@@ -57,18 +57,14 @@ class OptimizeResult:
 class StageClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._start = time.monotonic()
         self._stage: str | None = None
-        self._t0 = self._start
+        self._t0 = time.monotonic()
 
     def stage(self, name: str) -> None:
         now = time.monotonic()
         if self._stage is not None:
             self.seconds[self._stage] = round(self.seconds.get(self._stage, 0.0) + now - self._t0, 3)
         self._stage, self._t0 = name, now
-
-    def total(self) -> float:
-        return time.monotonic() - self._start
 
 
 def q_settings(config: Config, epochs: int | None = None) -> QSettings:
