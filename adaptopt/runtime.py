@@ -7,8 +7,11 @@ slow each other down through spinning workers, which would poison every timing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
 import threading
 from typing import Mapping, Sequence
 
@@ -43,16 +46,71 @@ def init_thread_pool(threads: int) -> int:
         return _pool_threads
 
 
-def resolve_providers(target: TargetConfig) -> list[str]:
-    """The configured EPs that this ONNX Runtime build has, in priority order."""
+_provider_problems: dict[str, str] = {}  # provider -> why it cannot start (probed once per process)
+
+
+def provider_problem(name: str, target: TargetConfig) -> str | None:
+    """Why ``name`` cannot start here, or None when it can.
+
+    A provider this build lists may still fail to start (TensorRT without its
+    libraries, CUDA without a driver). ORT then prints a banner on stdout and retries
+    with the next provider on every session; probing once, with the process's
+    stdout/stderr silenced, drops it cleanly instead (``-o -`` pipelines stay clean).
+    """
     ort = _ort()
-    available = set(ort.get_available_providers())
+    if name not in ort.get_available_providers():
+        return "not in this onnxruntime build"
+    if name == "CPUExecutionProvider":
+        return None
+    if name not in _provider_problems:
+        _provider_problems[name] = _probe_provider(ort, name, target)
+    return _provider_problems[name] or None
+
+
+def _probe_provider(ort, name: str, target: TargetConfig) -> str:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    with _silenced_fds():
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), session_options(target, "disable"),
+                                           providers=[name, "CPUExecutionProvider"])
+        except ort_errors() as exc:
+            return f"cannot start: {ort_error_line(exc)}"
+    return "" if name in session.get_providers() else "cannot start (its libraries did not load)"
+
+
+@contextlib.contextmanager
+def _silenced_fds():
+    """Silence stdout and stderr: Python's streams (ORT's fallback banner is a print) and
+    file descriptors 1 and 2 (native code writes there directly)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(devnull)
+
+
+def resolve_providers(target: TargetConfig) -> list[str]:
+    """The configured EPs that can start here, in priority order."""
     wanted = list(target.execution_providers)
-    chosen = [p for p in wanted if p in available]
-    missing = [p for p in wanted if p not in available]
+    problems = {p: provider_problem(p, target) for p in wanted}
+    chosen = [p for p in wanted if problems[p] is None]
+    missing = [p for p in wanted if problems[p] is not None]
     if missing and not target.allow_cpu_fallback:
-        raise InputError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
-                         f"(available: {', '.join(sorted(available))}) and target.allow_cpu_fallback is false")
+        raise InputError("execution provider(s) not usable here: "
+                         + "; ".join(f"{p} {problems[p]}" for p in missing)
+                         + " (target.allow_cpu_fallback is false)")
     if "CPUExecutionProvider" not in chosen and target.allow_cpu_fallback:
         chosen.append("CPUExecutionProvider")
     if not chosen:
@@ -159,4 +217,5 @@ def ort_error_line(exc: BaseException) -> str:
     for marker in ("] ", "Exception : "):
         if marker in line and line.startswith("["):
             line = line.split(marker, 1)[-1]
+    line = re.sub(r"^:?\s*\d+\s*:\s*[A-Z_]+\s*:\s*", "", line)  # ": 1 : FAIL : " status prefix
     return line[:300]

@@ -136,7 +136,10 @@ def cache_key(info: dict) -> str:
 
 # ------------------------------------------------------------------ microbenchmark models
 def _model(nodes: list, inputs: list, outputs: list) -> onnx.ModelProto:
-    return helper.make_model(helper.make_graph(nodes, "calibration", inputs, outputs), opset_imports=_OPSET)
+    # IR 8 (not onnx's newest): an onnx package newer than the installed ONNX Runtime
+    # would otherwise write an IR version that runtime refuses.
+    return helper.make_model(helper.make_graph(nodes, "calibration", inputs, outputs), opset_imports=_OPSET,
+                             ir_version=8)
 
 
 def _vi(name: str, shape: list[int]) -> onnx.ValueInfoProto:

@@ -123,7 +123,9 @@ def render_hal(data: dict, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=1)
     m = data["machine"]
-    lines = [f"onnxruntime {data['onnxruntime']}; execution providers: {', '.join(data['execution_providers'])}", "",
+    lines = [f"onnxruntime {data['onnxruntime']}; execution providers: {', '.join(data['execution_providers'])}"]
+    lines += [f"  {p} is listed but unusable: {why}" for p, why in data.get("unusable_providers", {}).items()]
+    lines += ["",
              tabulate([[b["name"], "yes" if b["available"] else "no", b["reason"]] for b in data["backends"]],
                       headers=("backend", "available", "reason / what it reads"), tablefmt="simple")]
     for b in data["backends"]:
