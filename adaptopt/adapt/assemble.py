@@ -150,7 +150,7 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
     validation, candidate, models = check(accepted) if accepted else (None, None, {})
     if accepted and not validation.ok:
         events.append({"event": "rollback", "why": validation.reason, "leaves": "searching for the culprits"})
-        say(f"end-to-end check failed ({validation.reason[:80]}); keeping only rewrites that pass together")
+        say(f"end-to-end check failed ({validation.reason[:200]}); keeping only rewrites that pass together")
         order = sorted(accepted, key=lambda sid: (-leaf_gain(plans[sid]), sid))
         accepted, dropped = accurate_subset(order, accepted, lambda chosen: check(chosen)[0].ok)
         events.append({"event": "rollback", "why": "fails the end-to-end check", "leaves": dropped})

@@ -132,7 +132,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         assembly = with_whole_model_lossy(ctx, assembly, skeleton, base or Base(skeleton), reference, budget)
     assembly = with_model_passes(ctx, assembly, skeleton)
     clock.stage("counters")
-    counters = leaf_counters(ctx, plans, assembly.accepted)
+    counters, unmeasured = leaf_counters(ctx, plans, assembly.accepted)
     ctx.measurer.close()
     clock.stage("done")
     measurements = sum(p.env.measurements for p in plans.values())
@@ -143,19 +143,29 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     report = build_report(model, config, machine, tree, plans, history, assembly, clock.seconds, budget, seed,
                           measurements, ctx.cache.hits, counters)
     report["prepass"] = pre.to_dict()
+    if unmeasured:
+        report["counters_skipped"] = {"leaves": unmeasured, "reason": "time budget spent before their counters ran"}
     return finalize(assembly, report, tree)
 
 
-def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> dict[str, dict]:
-    """HAL readings around one timed loop of each leaf, and of its rewrite when kept (report only)."""
+def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> tuple[dict[str, dict], list[str]]:
+    """HAL readings around one timed loop of each leaf, and of its rewrite when kept (report only).
+
+    They inform the report, not the output, so they stop when the time budget is spent
+    (an ``ncu`` replay takes seconds per leaf); the leaves left unmeasured are returned.
+    """
     from adaptopt.profile.runner import measure
     out: dict[str, dict] = {}
+    unmeasured: list[str] = []
     for sid, plan in plans.items():
+        if ctx.expired():
+            unmeasured.append(sid)
+            continue
         env = plan.env
         out[sid] = {"original": measure(env.model, env.feeds, ctx.config).counters}
         if sid in accepted:
             out[sid]["optimized"] = measure(env.step(accepted[sid]).model, env.feeds, ctx.config).counters
-    return out
+    return out, unmeasured
 
 
 def prepare_run(model: onnx.ModelProto, index: GraphIndex, feeds: dict, config: Config, budget: float,
