@@ -34,19 +34,62 @@ def epsilon_at(epoch: int, epochs: int, start: float, end: float) -> float:
     return start + (end - start) * min(epoch, epochs - 1) / (epochs - 1)
 
 
+def backoff_keys(state: str) -> tuple[str, ...]:
+    """Coarser views of a state key ``size|bound|family|performance|last``, most specific first.
+
+    An unvisited (state, action) pair reads the mean value the action has in visited
+    states that look alike: same bound, op family and last pass; then same family and
+    last pass. This is how one leaf's measurements inform the next
+    leaf of the same kind, and how a table learnt on one model starts the next.
+    """
+    parts = state.split("|")
+    if len(parts) != 5:
+        return ()
+    _size, bound, family, _performance, last = parts
+    return (f"b:{bound}|{family}|{last}", f"f:{family}|{last}")
+
+
 @dataclass
 class QTable:
-    """State -> action -> value. Unvisited pairs read as ``initial`` (optimistic
-    initialisation: a positive value makes greedy choices try every action once
-    before repeating one, which is how a table explores without wasting measurements)."""
+    """State -> action -> value.
+
+    An unvisited pair reads the mean value of the same action in similar visited
+    states (:func:`backoff_keys`), and ``initial`` when the action was never tried in
+    anything similar (optimistic initialisation: a positive value makes greedy choices
+    try such an action once, which is how a table explores without wasting
+    measurements, while actions already seen to lose in similar states are skipped).
+    """
 
     values: dict[str, dict[str, float]] = field(default_factory=dict)
     visits: dict[str, dict[str, int]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     initial: float = 0.0
+    _similar: dict[tuple[str, str], list[float]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for state, actions in self.values.items():
+            for action, value in actions.items():
+                self._add_similar(state, action, 0.0, value, new=True)
+
+    def _add_similar(self, state: str, action: str, old: float, value: float, new: bool) -> None:
+        for key in backoff_keys(state):
+            total = self._similar.setdefault((key, action), [0.0, 0])
+            total[0] += value - (0.0 if new else old)
+            total[1] += 1 if new else 0
+
+    def prior(self, state: str, action: str) -> float:
+        """What an unvisited pair reads: the mean over similar visited states, else ``initial``."""
+        for key in backoff_keys(state):
+            total = self._similar.get((key, action))
+            if total and total[1]:
+                return total[0] / total[1]
+        return self.initial
 
     def q(self, state: str, action: str) -> float:
-        return self.values.get(state, {}).get(action, self.initial)
+        row = self.values.get(state)
+        if row is not None and action in row:
+            return row[action]
+        return self.prior(state, action)
 
     def best_value(self, state: str, actions: Iterable[str]) -> float:
         actions = list(actions)
@@ -71,8 +114,11 @@ class QTable:
     def update(self, state: str, action: str, reward: float, next_state: str | None,
                next_actions: Iterable[str], learning_rate: float, discount: float) -> float:
         next_best = 0.0 if next_state is None else self.best_value(next_state, next_actions)
-        new = q_update(self.q(state, action), reward, next_best, learning_rate, discount)
+        seen = action in self.values.get(state, {})
+        old = self.q(state, action)
+        new = q_update(old, reward, next_best, learning_rate, discount)
         self.values.setdefault(state, {})[action] = new
+        self._add_similar(state, action, old, new, new=not seen)
         self.visits.setdefault(state, {})[action] = self.visits.get(state, {}).get(action, 0) + 1
         return new
 
