@@ -65,8 +65,8 @@ class PolicyConfig:
     RL_training_epochs: int = 6
     learning_rate: float = 0.5
     discount: float = 0.9
-    epsilon_start: float = 0.9
-    epsilon_end: float = 0.05
+    epsilon_start: float = 0.3
+    epsilon_end: float = 0.0
     max_sequence: int = 4
     bandwidth_weight: float = 0.05
     failure_penalty: float = 1.0

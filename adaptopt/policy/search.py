@@ -94,8 +94,8 @@ class QSettings:
     epochs: int = 6
     learning_rate: float = 0.5
     discount: float = 0.9
-    epsilon_start: float = 0.9
-    epsilon_end: float = 0.05
+    epsilon_start: float = 0.3
+    epsilon_end: float = 0.0
     max_sequence: int = 4
     weights: RewardWeights = RewardWeights()
     optimistic_init: float = 0.0  # value of unvisited (state, action) pairs
