@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 SECTION ?= all
 
-.PHONY: demo test test-slow bench install install-gpu models clean
+.PHONY: demo test test-slow bench install install-gpu models prior clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(EXAMPLES) &: $(STAMP) adaptopt/examples.py models/make_models.py
 	$(BIN)/python models/make_models.py
 
 models: $(EXAMPLES)
+
+# Retrain the built-in policy prior (adaptopt/policy/prior_cpu.json, committed) on generated models: ~5 min.
+prior: $(STAMP)
+	$(BIN)/python models/make_prior.py
 
 demo: $(EXAMPLES)
 	@mkdir -p out

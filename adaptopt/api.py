@@ -168,6 +168,30 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
     return result
 
 
+def train_policy(sources: list[str | Path], output: str | Path, config: Config | None = None, *,
+                 accuracy_budget: float = 0.0, seed: int | None = None, log=None) -> list[dict]:
+    """Train the Q-table ``output`` on the leaves of every model in ``sources`` (continuing
+    from ``output`` when it exists) and save it; returns one summary row per model.
+
+    Every model is loaded and checked before any is measured, so a bad path fails fast.
+    """
+    from adaptopt.adapt.training import TrainingModel, train
+    from adaptopt.errors import ConfigError
+    from adaptopt.policy.qtable import QTable
+    config = config or Config()
+    if not 0.0 <= accuracy_budget <= 1.0:
+        raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {accuracy_budget}")
+    models = []
+    for source in sources:
+        skeleton = load_model(source, config.replace(inputs={}), infer=False)
+        models.append(TrainingModel(str(source), pinned_copy(skeleton, config, str(source)), config))
+    table = QTable.load_or_new(output)
+    rows = train(models, table, accuracy_budget, config.policy.seed if seed is None else seed,
+                 log or (lambda _m: None))
+    table.save(output)
+    return rows
+
+
 def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.ModelProto:
     """A copy of ``skeleton`` with dynamic dims pinned from the config and shapes inferred."""
     from adaptopt.graph.io import infer_shapes, pin_input_shapes

@@ -205,7 +205,28 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
                          f"(the model was written to {output})")
 @cli.group()
 def policy() -> None:
-    """Inspect Q-table files written by `optimize --policy`."""
+    """Train and inspect Q-table files (`optimize --policy FILE` starts from one)."""
+
+
+@policy.command("train")
+@click.argument("models", nargs=-1, required=True, type=str)
+@click.option("-o", "--output", required=True, help="Q-table JSON to write (training continues from it if it exists).")
+@click.option("--accuracy-budget", type=float, default=0.0, show_default=True,
+              help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's policy.seed).")
+@config_options
+@command
+def policy_train(models: tuple[str, ...], output: str, accuracy_budget: float, seed: int | None,
+                 config_path: str | None, input_shapes: tuple[str, ...]) -> None:
+    """Learn pass values on MODELS (Q-learning over every subgraph, measured here) into a Q-table."""
+    from tabulate import tabulate
+
+    from adaptopt import api
+    config = load_run_config(config_path, input_shapes)
+    rows = api.train_policy(list(models), output, config, accuracy_budget=accuracy_budget, seed=seed,
+                            log=lambda m: click.echo(m, err=True))
+    click.echo(tabulate(rows, headers="keys"))
+    click.echo(f"wrote {output}", err=True)
 
 
 @policy.command("show")

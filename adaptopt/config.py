@@ -73,6 +73,7 @@ class PolicyConfig:
     optimistic_init: float = 0.1
     seed: int = 0
     qtable: str | None = None
+    prior: bool = True  # start from the built-in prior table when no qtable file exists (CPU targets)
     cache_dir: str | None = None
 
 
@@ -178,6 +179,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "bandwidth_weight": (float, lambda v: v >= 0, "a number >= 0"),
         "failure_penalty": (float, lambda v: v >= 0, "a number >= 0"),
         "optimistic_init": (float, lambda v: 0 <= v <= 10, "a number in [0, 10]"),
+        "prior": _BOOL,
         "seed": _NONNEG_INT,
         "qtable": _OPT_STR,
         "cache_dir": _OPT_STR,

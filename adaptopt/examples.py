@@ -184,3 +184,32 @@ def build_bert(vocab: int = 4000, hidden: int = 256, layers: int = 4, heads: int
 
 
 EXAMPLES = {"resnet_small": build_resnet, "bert_small": build_bert}
+
+
+def bert_inputs(sequence: int, vocab: int) -> dict:
+    """Input specs of a ``build_bert`` model: token ids in [0, vocab), an all-ones mask."""
+    from adaptopt.config import InputSpec
+    return {"input_ids": InputSpec((1, sequence), "int64", "range", (0, vocab)),
+            "attention_mask": InputSpec((1, sequence), "int64", "ones")}
+
+
+# Generated models the built-in policy prior is trained on (``make prior``): other sizes,
+# widths and seeds than the bundled examples, so neither they nor any benchmark model is
+# ever in its training set. (name, builder, keyword arguments, input specs or None)
+TRAINING_CORPUS = (
+    ("resnet_w16_i64", build_resnet, {"image": 64, "widths": (16, 32), "blocks": 1, "classes": 10, "seed": 1}, None),
+    ("resnet_w24_i48", build_resnet, {"image": 48, "widths": (24, 48, 96), "blocks": 1, "classes": 20, "seed": 2},
+     None),
+    ("bert_h128_l2", build_bert, {"vocab": 1000, "hidden": 128, "layers": 2, "heads": 2, "ffn": 512, "seed": 3},
+     bert_inputs(64, 1000)),
+    ("bert_h192_l2", build_bert, {"vocab": 1000, "hidden": 192, "layers": 2, "heads": 3, "ffn": 768, "seed": 4},
+     bert_inputs(96, 1000)),
+    ("resnet_w8_i32", build_resnet, {"image": 32, "widths": (8, 16, 32), "blocks": 2, "classes": 10, "seed": 5},
+     None),
+    ("resnet_w48_i80", build_resnet, {"image": 80, "widths": (48, 96), "blocks": 1, "classes": 50, "seed": 6},
+     None),
+    ("bert_h64_l3", build_bert, {"vocab": 500, "hidden": 64, "layers": 3, "heads": 4, "ffn": 256, "seed": 7},
+     bert_inputs(32, 500)),
+    ("bert_h320_l1", build_bert, {"vocab": 1000, "hidden": 320, "layers": 1, "heads": 5, "ffn": 1280, "seed": 8},
+     bert_inputs(48, 1000)),
+)

@@ -1,7 +1,8 @@
 """Section ``learning``: is the Q-learning policy worth it? (issue 5)
 
 For each model, the most expensive leaves of its partition are searched by every
-strategy — Q-learning (cold), random search at Q's measurement count, the seed's
+strategy — Q-learning (cold, and from the built-in prior, which was trained on
+generated models that are none of these), random search at Q's measurement count, the seed's
 static heuristic (compute-bound -> compute passes, else memory passes), greedy, and
 an exhaustive oracle over sequences of up to ``ORACLE_DEPTH`` passes. All strategies
 read one shared pool of measurements (the same subgraph + sequence is timed once),
@@ -33,6 +34,7 @@ from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.io import load_model
 from adaptopt.graph.partition import partition
+from adaptopt.policy.prior import prior_path
 from adaptopt.policy.qtable import QTable
 from adaptopt.policy.search import greedy_search, heuristic, oracle, q_learning, random_search
 
@@ -99,6 +101,9 @@ def _searches(config, ctx, leaves, table=None) -> dict[str, list]:
     settings = q_settings(config)
     runs = {"oracle": [oracle(env, ORACLE_DEPTH) for env in fresh()]}
     runs["q-learning"] = q_learning(fresh(), QTable() if table is None else table, settings, seed=0)
+    prior = prior_path("cpu")
+    if prior is not None:  # the built-in prior was trained on generated models, none of these
+        runs["q-learning (prior)"] = q_learning(fresh(), QTable.load(prior), settings, seed=0)
     per_leaf_budget = [max(2, r.measurements) for r in runs["q-learning"]]
     runs["random"] = [random_search(env, b, settings.max_sequence, seed=0)
                       for env, b in zip(fresh(), per_leaf_budget)]

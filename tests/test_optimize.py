@@ -296,3 +296,22 @@ def test_subdivide_and_merge_both_happen(tmp_path, fast_config):
     assert sorted(plans) == sorted(s.id for s in leaves)
     assert leaves[0].start == 0 and leaves[-1].stop == len(index)
     assert all(a.stop == b.start for a, b in zip(leaves, leaves[1:]))
+
+
+def test_policy_train_writes_a_table_that_optimize_starts_from(resnet_model, fast_config, tmp_path):
+    path = tmp_path / "resnet.onnx"
+    save_model(resnet_model, path)
+    config_file = tmp_path / "fast.yaml"
+    config_file.write_text(FAST_YAML.replace("policy: {", f"policy: {{cache_dir: '{tmp_path / 'cache'}', "))
+    table_path = tmp_path / "q.json"
+    result = CliRunner().invoke(cli, ["policy", "train", str(path), "-o", str(table_path), "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    table = QTable.load(table_path)
+    assert table.values and table.meta["trained_on"] == [str(path)]
+    assert "measurements" in result.output and str(path) in result.output
+    run = api.optimize(path, fast_config, qtable=str(table_path), seed=0)
+    assert run.report["settings"]["policy_start"] == f"file {table_path}"
+    # without a file the CPU run starts from the built-in prior
+    assert api.optimize(path, fast_config, seed=0).report["settings"]["policy_start"].startswith("built-in prior")
+    bad = CliRunner().invoke(cli, ["policy", "train", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and not (tmp_path / "x.json").exists()

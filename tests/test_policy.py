@@ -182,3 +182,40 @@ def test_exact_validation_refuses_a_new_direction_on_small_outputs():
     assert compare(ref, {"y": ref["y"] * (1 + 1e-6)}, 1e-4).ok
     negligible = {"y": np.array([1e-9, -1e-9], np.float32)}
     assert compare(negligible, {"y": -negligible["y"]}, 1e-4).ok  # below the tolerance: nothing to point
+def test_unvisited_pairs_back_off_to_similar_states_and_survive_the_file(tmp_path):
+    table = QTable(initial=0.1)
+    table.update("s|compute|conv|p1|none", "fuse", 0.4, None, (), 1.0, 0.9)
+    table.update("m|compute|conv|p2|none", "fuse", 0.2, None, (), 1.0, 0.9)
+    table.update("m|compute|conv|p2|none", "layout", -0.3, None, (), 1.0, 0.9)
+    # a new size and performance bucket, same bound / family / last pass: the mean of the look-alikes
+    assert table.q("xl|compute|conv|p0|none", "fuse") == pytest.approx(0.3)
+    assert table.q("xl|compute|conv|p0|none", "layout") == pytest.approx(-0.3)  # lost before: below STOP (0)
+    # another bound: the family + last-pass level still answers
+    assert table.q("xl|memory|conv|p0|none", "fuse") == pytest.approx(0.3)
+    # nothing similar (other family, or other last pass): the optimistic initial value
+    assert table.q("xl|compute|matmul|p0|none", "fuse") == 0.1
+    assert table.q("s|compute|conv|p1|fuse", "layout") == 0.1
+    # re-updating a visited pair moves the mean, it does not count the pair twice
+    table.update("s|compute|conv|p1|none", "fuse", 0.0, None, (), 1.0, 0.9)
+    assert table.q("xl|compute|conv|p0|none", "fuse") == pytest.approx(0.1)
+    table.save(tmp_path / "q.json")
+    loaded = QTable.load(tmp_path / "q.json")
+    loaded.initial = 0.1
+    assert loaded.q("xl|compute|conv|p0|none", "fuse") == pytest.approx(0.1)
+    assert loaded.q("xl|compute|conv|p0|none", "layout") == pytest.approx(-0.3)
+
+
+def test_starting_table_prefers_the_file_then_the_prior(tmp_path):
+    from adaptopt.policy.prior import prior_path, starting_table
+    own = QTable()
+    own.update("s|compute|conv|p1|none", "fuse", 0.5, None, (), 1.0, 0.9)
+    own.save(tmp_path / "own.json")
+    table, origin = starting_table(str(tmp_path / "own.json"), "cpu", True)
+    assert origin.startswith("file") and table.q("s|compute|conv|p1|none", "fuse") == 0.5
+    table, origin = starting_table(str(tmp_path / "absent.json"), "cpu", True)
+    assert prior_path("cpu") is not None, "the built-in prior ships with the package (make prior)"
+    assert origin.startswith("built-in prior") and table.values
+    assert set(table.meta["trained_on"]).isdisjoint({"resnet_small", "bert_small"})
+    for device, use_prior in (("cpu", False), ("cuda", True)):
+        table, origin = starting_table(None, device, use_prior)
+        assert not table.values and "cold" in origin

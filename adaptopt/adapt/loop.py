@@ -24,7 +24,7 @@ from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import PartitionTree, partition
-from adaptopt.policy.qtable import QTable
+from adaptopt.policy.prior import starting_table
 from adaptopt.policy.search import QSettings, RewardWeights
 
 Progress = Callable[[str, int, int], None]
@@ -109,7 +109,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         f"{len(ctx.model_passes)} model-level; budget {budget_s:.0f}s")
 
     clock.stage("policy")
-    table = QTable.load_or_new(options.qtable or config.policy.qtable)
+    table_path = options.qtable or config.policy.qtable
+    table, table_origin = starting_table(table_path, config.target.device, config.policy.prior)
     settings = q_settings(config)
     ctx.progress = options.progress
     plans = {p.env.leaf_id: p for p in search_leaves(ctx, [ctx.env_for(s) for s in leaves], table, settings, seed)}
@@ -137,12 +138,13 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("done")
     measurements = sum(p.env.measurements for p in plans.values())
     table.meta.update({"last_model": model.graph.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    if options.qtable or config.policy.qtable:
-        table.save(options.qtable or config.policy.qtable)
+    if table_path:
+        table.save(table_path)
     from adaptopt.report.optimize import build_report
     report = build_report(model, config, machine, tree, plans, history, assembly, clock.seconds, budget, seed,
                           measurements, ctx.cache.hits, counters)
     report["prepass"] = pre.to_dict()
+    report["settings"]["policy_start"] = table_origin
     if unmeasured:
         report["counters_skipped"] = {"leaves": unmeasured, "reason": "time budget spent before their counters ran"}
     return finalize(assembly, report, tree)
