@@ -203,9 +203,11 @@ def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.Mo
 
 
 def write_optimized_tree(result, directory: str | Path, source: str) -> dict:
-    """``--keep-subgraphs``: the partition tree with the chosen leaf rewrites in place."""
-    manifest = write_tree(result.tree, directory, source=source)
-    files = {n["id"]: n["file"] for n in manifest["nodes"]}
-    for leaf_id, leaf_model in result.leaf_models.items():
-        save_model(leaf_model, Path(directory) / files[leaf_id])
+    """``--keep-subgraphs``: the partition tree with the chosen leaf rewrites in place
+    (all files or none: an interrupted write leaves ``directory`` as it was)."""
+    with atomic_directory(Path(directory)) as staging:
+        manifest = write_tree(result.tree, staging, source=source)
+        files = {n["id"]: n["file"] for n in manifest["nodes"]}
+        for leaf_id, leaf_model in result.leaf_models.items():
+            save_model(leaf_model, staging / files[leaf_id])
     return manifest
