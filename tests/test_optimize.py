@@ -243,7 +243,10 @@ def test_a_pass_that_breaks_numerics_is_reverted_penalised_and_never_written(tmp
     path = tmp_path / "m.onnx"
     save_model(resnet_model, path)
     q = tmp_path / "q.json"
-    result = api.optimize(path, fast_config, qtable=str(q))
+    # a cold table: every untried pass reads the same optimistic value and the first listed
+    # (the breaking one) goes first; the built-in prior would rank known-good passes ahead of it
+    cold = fast_config.with_section("policy", prior=False)
+    result = api.optimize(path, cold, qtable=str(q))
     decisions = [d for leaf in result.report["leaves"] for d in leaf["decisions"] if d.get("action") == "break_numerics"]
     assert decisions and all(not d["valid"] and d["reward"] < 0 for d in decisions)  # detected + penalised
     assert all("break_numerics" not in leaf["sequence"] for leaf in result.report["leaves"])  # reverted
@@ -315,3 +318,13 @@ def test_policy_train_writes_a_table_that_optimize_starts_from(resnet_model, fas
     assert api.optimize(path, fast_config, seed=0).report["settings"]["policy_start"].startswith("built-in prior")
     bad = CliRunner().invoke(cli, ["policy", "train", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.json")])
     assert bad.exit_code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_a_lossy_result_reports_its_measured_difference(resnet_model, fast_config, tmp_path):
+    # a static-shape model has no "other sizes": that check must not replace the measured one
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    result = api.optimize(path, fast_config, passes=["quantize_static_qdq"], accuracy_budget=0.99,
+                          allow_slower=True)
+    assert result.improved
+    assert 0 < result.accuracy["max_abs_diff"] and 0.99 <= result.accuracy["min_cosine"] < 1.0

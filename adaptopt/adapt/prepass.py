@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from adaptopt.adapt.assemble import cached_side_by_side, check_other_shapes, check_outputs
+from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere
 from adaptopt.adapt.verify import SideBySide
 from adaptopt.config import Config
 from adaptopt.graph.io import dynamic_inputs
@@ -81,9 +81,7 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     if not applied:
         return PrePass(model, False, applied, errors, reason="no exact pass applies to the whole model")
     signed = with_signature(candidate, skeleton)
-    validation = check_outputs(signed, feeds, reference, config, 0.0)
-    if validation.ok:
-        validation = check_other_shapes(skeleton, signed, feeds, config, 0.0)
+    validation = check_everywhere(skeleton, signed, feeds, reference, config, 0.0)
     if not validation.ok:
         return PrePass(model, False, applied, errors, reason=f"changes the outputs: {validation.reason}")
     side = cached_side_by_side(cache, config.target, skeleton, signed, feeds)

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from adaptopt.adapt.assemble import Assembly, Base, check_other_shapes, check_outputs, timed
+from adaptopt.adapt.assemble import Assembly, Base, check_everywhere, timed
 from adaptopt.adapt.prepass import apply_exact_passes
 
 
@@ -41,9 +41,7 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
         if not result.modified:
             continue
         candidate = result.model
-        validation = check_outputs(candidate, ctx.feeds, reference, ctx.config, budget)
-        if validation.ok:
-            validation = check_other_shapes(skeleton, candidate, ctx.feeds, ctx.config, budget)
+        validation = check_everywhere(skeleton, candidate, ctx.feeds, reference, ctx.config, budget)
         if not validation.ok:
             assembly.events.append({"event": "whole_model", "pass": p.name, "why": validation.reason, "kept": False})
             continue
