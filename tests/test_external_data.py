@@ -14,13 +14,15 @@ from onnx import TensorProto
 from adaptopt import api
 from adaptopt.config import Config, TargetConfig
 from adaptopt.errors import InputError
-from adaptopt.graph import external
+from adaptopt.examples import build_resnet
+from adaptopt.graph import external, io
 from adaptopt.graph.checks import MAX_GRAPH_DEPTH, graph_depth
 from adaptopt.graph.io import load_model, save_model
 from adaptopt.graph.merge import merge_directory
 from adaptopt.runtime import make_session, run
 from tests.conftest import run_model
 from tests.make_bad_models import (
+    ODD_MODELS,
     external_absolute,
     external_dotdot,
     external_huge_declared,
@@ -29,6 +31,7 @@ from tests.make_bad_models import (
     external_too_short,
     nested_bytes,
     nested_if_model,
+    valid_model,
 )
 
 _opened: list[str] | None = None
@@ -267,3 +270,166 @@ def test_overlapping_ranges_cannot_multiply_memory(tmp_path):
     with opened_files() as opened, pytest.raises(InputError, match="overlap: tensors declare 51200 bytes"):
         load_model(tmp_path / "m.onnx")
     assert str((tmp_path / "w.bin").resolve()) not in opened
+
+
+# ---------------------------------------------------------------- whole-model memory (issue 2)
+# Light copies are written piece by piece, big files are parsed a block at a time, and the
+# large raw weights of a file are read after the checker and shape inference: each of these
+# must give exactly what the whole-model code they replaced gave.
+def _heavy_model(defect: str | None = None, pad: int = 0) -> onnx.ModelProto:
+    """A valid model plus an unused 2400-byte weight ``h`` (with ``defect``) and ``pad`` more floats."""
+    model = valid_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(600, np.float32), "h"))
+    if pad:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(pad, dtype=np.float32), "pad"))
+    h = model.graph.initializer[-2 if pad else -1]
+    if defect == "two_fields":
+        h.float_data.extend([1.0] * 600)
+    elif defect == "no_type":
+        h.ClearField("data_type")
+    elif defect == "undefined_type":
+        h.data_type = TensorProto.UNDEFINED
+    elif defect == "zero_elements":
+        del h.dims[:]
+        h.dims.append(0)
+    elif defect == "wrong_field":
+        h.ClearField("raw_data")
+        h.data_type = TensorProto.INT64
+        h.float_data.extend([1.0] * 600)
+    elif defect == "string_raw":
+        h.data_type = TensorProto.STRING
+    return model
+
+
+def _models() -> list[onnx.ModelProto]:
+    with_function = _heavy_model()
+    with_function.metadata_props.add(key="k", value="v")
+    with_function.doc_string, with_function.graph.doc_string = "model doc", "graph doc"
+    with_function.functions.append(onnx.helper.make_function(
+        "local", "Twice", ["a"], ["b"], [onnx.helper.make_node("Add", ["a", "a"], ["b"])],
+        [onnx.helper.make_opsetid("", 17)]))
+    return [with_function, *(case.build()[0] for case in ODD_MODELS), build_resnet(image=32, widths=(8,), blocks=1)]
+
+
+def _reference_light(model: onnx.ModelProto) -> onnx.ModelProto:
+    return external.light_copy(model, "stub.bin")
+
+
+def _reference_probe(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The former io._inference_copy: heavy initializers become typed graph inputs."""
+    probe = external.light_copy(model)
+    heavy = [t for t in probe.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    keep = [t for t in probe.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    listed = {i.name for i in probe.graph.input}
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in heavy if t.name not in listed)
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(keep)
+    return probe
+
+
+def test_pieces_write_the_bytes_serialization_gives():
+    for model in _models():
+        pieces = external.ModelPieces(model)
+        assert pieces.to_bytes() == model.SerializeToString() and pieces.size() == model.ByteSize()
+        assert external.byte_size(model) == model.ByteSize()
+        assert external.light_pieces(model, "stub.bin").to_bytes() == _reference_light(model).SerializeToString()
+        light = _reference_light(model)
+        del light.graph.value_info[:]
+        assert external.light_pieces(model, "stub.bin", value_info=False).to_bytes() == light.SerializeToString()
+        assert external.inference_pieces(model).to_bytes() == _reference_probe(model).SerializeToString()
+
+
+def _reference_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The former io.infer_shapes: in-memory inference of the probe, nodes and types copied back."""
+    probe = _reference_probe(model)
+    inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False)
+    if not io._long_vectors(inferred.graph):
+        inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False, data_prop=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(inferred.graph.node)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    for o, typed in zip(out.graph.output, inferred.graph.output):
+        o.type.CopyFrom(typed.type)
+    return out
+
+
+def test_shape_inference_through_files_gives_what_it_gave_in_memory():
+    for model in _models():  # control flow: the bodies gain value infos, so those nodes change
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        assert io.infer_shapes(copy).SerializeToString() == _reference_infer(model).SerializeToString()
+
+
+@pytest.mark.parametrize("defect", ["two_fields", "no_type", "undefined_type", "zero_elements", "wrong_field",
+                                    "string_raw"])
+def test_light_checker_refuses_heavy_weights_as_the_checker_does(tmp_path, monkeypatch, defect):
+    model = _heavy_model(defect)
+    with pytest.raises(onnx.checker.ValidationError) as whole:
+        onnx.checker.check_model(model)
+    expected = f"<model>: ONNX checker failed: {io._checker_reason(whole.value)}"
+    with pytest.raises(InputError) as light:
+        io.check_model(model, structure=False)
+    assert str(light.value) == expected
+    for block in (1 << 40, 1024):  # and through load_model, whole or read in blocks (this file is larger)
+        monkeypatch.setattr(io, "BLOCK_BYTES", block)
+        path = tmp_path / "m.onnx"
+        path.write_bytes(_heavy_model(defect, pad=1000).SerializeToString())
+        with pytest.raises(InputError) as loaded:
+            load_model(path)
+        assert str(loaded.value) == expected.replace("<model>", str(path))
+
+
+def test_block_parse_and_late_weights_give_the_whole_parse(tmp_path, monkeypatch):
+    paths = []
+    for i, model in enumerate(_models() + [_heavy_model(pad=5000)]):
+        paths.append(tmp_path / f"m{i}.onnx")
+        paths[-1].write_bytes(model.SerializeToString())
+    whole = {p: io.parse_model(p)[0].SerializeToString() for p in paths}
+    loaded = {p: load_model(p).SerializeToString() for p in paths}
+    monkeypatch.setattr(io, "BLOCK_BYTES", 512)
+    for p in paths:
+        model, _, deferred = io._parse(p, None, defer=True)
+        assert deferred is None or all(model.graph.initializer[i].data_location == TensorProto.EXTERNAL
+                                       for i in deferred.positions)
+        assert io.parse_model(p)[0].SerializeToString() == whole[p]
+        assert load_model(p).SerializeToString() == loaded[p]
+    assert io._parse(paths[-1], None, defer=True)[2] is not None  # the padded weight did wait
+
+
+def test_block_parse_refuses_what_the_whole_parse_refuses(tmp_path, monkeypatch):
+    data = _heavy_model(pad=5000).SerializeToString()
+    cases = {"truncated": data[:len(data) // 2], "cut_in_a_length": data[:3],
+             "flipped": data[:100] + b"\xff" + data[101:], **{f"nested_{d}": nested_bytes(d) for d in range(28, 36)}}
+    errors = {}
+    for block in (1 << 40, 256):
+        monkeypatch.setattr(io, "BLOCK_BYTES", block)
+        for name, payload in cases.items():
+            path = tmp_path / f"{name}.onnx"
+            path.write_bytes(payload)
+            try:
+                io.parse_model(path)
+                errors.setdefault(name, []).append("parsed")
+            except InputError as exc:
+                errors.setdefault(name, []).append(str(exc))
+    assert all(whole == block for whole, block in errors.values()), errors
+    # protobuf's depth limit is crossed in that range: the block reader counts depth as one parse does
+    assert "16 levels" in errors["nested_28"][0] and "100-level limit" in errors["nested_35"][0]
+
+
+def test_a_file_changed_while_loading_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_heavy_model(pad=5000).SerializeToString())
+    monkeypatch.setattr(io, "BLOCK_BYTES", 1024)
+    real = io.infer_shapes
+
+    def rewrite_meanwhile(model, name):
+        path.write_bytes(_heavy_model(pad=6000).SerializeToString())
+        return real(model, name)
+
+    monkeypatch.setattr(io, "infer_shapes", rewrite_meanwhile)
+    with pytest.raises(InputError, match="changed while it was being loaded"):
+        load_model(path)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adaptopt import api
 from adaptopt.config import Config
-from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.index import GraphIndex, subgraph_outer_inputs
 from adaptopt.graph.io import load_model, save_model
 from adaptopt.graph.partition import crossing_costs, partition
 from tests.conftest import BERT_INPUTS
@@ -88,6 +88,62 @@ def dags(draw):
     index = GraphIndex.build(helper.make_model(graph))
     start = draw(st.integers(0, len(index) - 1))
     return index, start, draw(st.integers(start + 1, len(index)))
+
+
+def reference_views(model: onnx.ModelProto) -> dict:
+    """What GraphIndex.build kept as Python objects before the tables (nodes in stored order)."""
+    graph = model.graph
+    node_inputs = [tuple(n for n in list(node.input) + subgraph_outer_inputs(node) if n) for node in graph.node]
+    producer, consumers = {}, {}
+    for pos, (node, inputs) in enumerate(zip(graph.node, node_inputs)):
+        producer.update((o, pos) for o in node.output if o)
+        for name in inputs:
+            consumers.setdefault(name, []).append(pos)
+    return {"node_inputs": node_inputs, "producer": producer, "consumers": consumers,
+            "initializers": {t.name: t for t in graph.initializer},
+            "value_info": {vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags())
+def test_derived_views_match_the_former_dicts(case):
+    index, _, _ = case
+    ref = reference_views(index.model)
+    assert index.node_inputs == ref["node_inputs"]
+    assert index.producer == ref["producer"] and index.consumers == ref["consumers"]
+    for name in ("initializers", "value_info"):  # same keys, order, values and length as the dicts
+        view, expected = getattr(index, name), ref[name]
+        assert list(view) == list(expected) and len(view) == len(expected)
+        assert all(view[k] == v and k in view for k, v in expected.items())
+        assert "no such tensor" not in view and view.get("no such tensor") is None
+
+
+def test_stored_out_of_order_nodes_are_indexed_in_topological_order():
+    nodes = [helper.make_node("Relu", ["a"], ["b"], name="second"), helper.make_node("Neg", ["x"], ["a"], name="first"),
+             helper.make_node("Abs", ["b"], ["y"], name="third")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    index = GraphIndex.build(helper.make_model(graph))
+    assert [n.name for n in index.nodes] == ["first", "second", "third"] == list(index.node_names(0, 3))
+    assert [n.name for n in index.nodes[1:]] == ["second", "third"] and index.nodes[-1].name == "third"
+    assert index.node_inputs == [("x",), ("a",), ("b",)] and index.producer == {"a": 0, "b": 1, "y": 2}
+    assert index.boundary(1, 3) == (["a"], ["y"], [])
+
+
+def test_name_views_follow_assignment_and_deletion():
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "a", "y")]
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["a"], name="n0"), helper.make_node("Abs", ["a"], ["y"])],
+                              "g", vi[:1], vi[2:], value_info=[vi[1], helper.make_tensor_value_info("stale", 1, [1])])
+    view = GraphIndex.build(helper.make_model(graph)).value_info
+    assert list(view) == ["x", "a", "stale", "y"] and len(view) == 4  # "stale": no node reads or writes it
+    typed = helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])
+    view["a"] = typed
+    view["new"] = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1])
+    assert view["a"] is typed and list(view) == ["x", "a", "stale", "y", "new"] and len(view) == 5
+    del view["x"], view["stale"], view["new"]
+    assert list(view) == ["a", "y"] and len(view) == 2 and "x" not in view
+    with pytest.raises(KeyError):
+        del view["x"]
 
 
 @settings(max_examples=150, deadline=None)

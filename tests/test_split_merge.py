@@ -17,10 +17,20 @@ from onnx import TensorProto, helper, numpy_helper
 from adaptopt import api
 from adaptopt.cli import cli
 from adaptopt.config import Config, InputSpec
+from adaptopt.errors import InputError
+from adaptopt.graph import io
+from adaptopt.graph import merge as merge_mod
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.io import load_model, save_model
+from adaptopt.graph.merge import merge_directory, merge_models
 from adaptopt.graph.partition import partition
+from adaptopt.graph.subgraph import (
+    _keep_original_signature,
+    _range_model,
+    write_tree,
+    write_weights,
+)
 from adaptopt.runtime import make_session
 from tests.conftest import BERT_INPUTS, run_model
 
@@ -250,7 +260,7 @@ def random_dags(draw):
     outputs = [t for t in tensors[n_inputs:] if t not in consumed] + draw(
         st.lists(st.sampled_from(tensors[n_inputs:]), max_size=3, unique=True))
     order = draw(st.permutations(range(len(nodes))))  # stored out of topological order
-    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 3])  # noqa: E731
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 3])
     w = numpy_helper.from_array(np.linspace(-1, 1, 9, dtype=np.float32).reshape(3, 3), "w")
     graph = helper.make_graph([nodes[i] for i in order], "rand", [vi(f"in{i}") for i in range(n_inputs)],
                               [vi(o) for o in dict.fromkeys(outputs)], initializer=[w])
@@ -299,3 +309,73 @@ def test_unknown_config_key_exits_2(tmp_path, resnet_model):
     assert result.exit_code == 2
     assert "initial_granularty" in result.output and "c.yaml:2" in result.output
     assert not (tmp_path / "s").exists() and path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ memory-bounded writing and merging (issue 2)
+def test_subgraph_files_hold_the_bytes_of_the_built_models(tmp_path, bert_model, monkeypatch):
+    """write_tree streams each file from the index; the bytes are those of the models it used to build."""
+    save_model(bert_model, tmp_path / "m.onnx")
+    config = Config(inputs=dict(BERT_INPUTS))
+    tree = api.build_tree(load_model(tmp_path / "m.onnx", config), config, 3)
+    for stream in (0, 1 << 40):  # every file piece by piece, then every file in one write
+        monkeypatch.setattr(io, "STREAM_BYTES", stream)
+        write_tree(tree, tmp_path / f"s{stream}")
+        refs = write_weights(tree.index, tmp_path)
+        for sub in tree.nodes.values():
+            model = _range_model(tree.index, sub.start, sub.stop, f"sg_{sub.id}", refs, {})
+            if sub.id == tree.root:
+                _keep_original_signature(model, tree.index.model)
+            assert (tmp_path / f"s{stream}" / f"sg_{sub.id}.onnx").read_bytes() == model.SerializeToString()
+
+
+def _split_with_shared_weight(tmp_path: Path) -> tuple[Path, dict]:
+    """A chain whose 1 KiB weight "scale" every leaf reads, split into 8 leaves."""
+    from benchmarks.split import chain_model
+    save_model(chain_model(200, width=256), tmp_path / "src.onnx")
+    out = tmp_path / "split"
+    manifest = api.split(tmp_path / "src.onnx", out, Config().with_section("granularity", min_nodes=1), 3).manifest
+    return out, {n["id"]: out / n["file"] for n in manifest["nodes"]} | {"leaves": manifest["leaves"]}
+
+
+def _inline(tensor: onnx.TensorProto, folder: Path) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(folder / info["location"], "rb") as fh:
+        fh.seek(int(info["offset"]))
+        data = fh.read(int(info["length"]))
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+    tensor.raw_data = data
+
+
+def test_merge_reading_weights_late_gives_what_merge_models_gives(tmp_path):
+    """Weights left in weights.bin until the checker ran: same model as merging fully loaded leaves,
+    also where a rewritten leaf holds a shared weight inline, or changed under the same name."""
+    out, files = _split_with_shared_weight(tmp_path)
+    leaves = files["leaves"]
+    for position, factor in ((1, 3.0), (2, 1.0)):  # leaf 1 changes "scale" (renamed), leaf 2 holds it inline
+        leaf = onnx.load(str(files[leaves[position]]), load_external_data=False)
+        scale = next(t for t in leaf.graph.initializer if t.name == "scale")
+        _inline(scale, out)
+        scale.raw_data = (np.frombuffer(scale.raw_data, np.float32) * factor).tobytes()
+        files[leaves[position]].write_bytes(leaf.SerializeToString())  # its other weights stay in weights.bin
+    merged = merge_directory(out)
+    assert sorted(t.name for t in merged.graph.initializer if t.name.startswith("scale")) == ["scale", "scale__l1"]
+    skeleton = onnx.load(str(files["0"]), load_external_data=False)
+    loaded = [onnx.load(str(files[sid])) for sid in leaves]  # onnx's loader: every weight inline
+    reference = merge_models(skeleton, loaded)
+    assert merged.SerializeToString() == reference.SerializeToString()
+
+
+def test_weights_file_replaced_during_merge_is_refused(tmp_path, monkeypatch):
+    out, _ = _split_with_shared_weight(tmp_path)
+    real = merge_mod.check_model
+
+    def replace_meanwhile(model, name):
+        real(model, name)
+        data = (out / "weights.bin").read_bytes()
+        (out / "weights.bin").unlink()
+        (out / "weights.bin").write_bytes(data[::-1])
+
+    monkeypatch.setattr(merge_mod, "check_model", replace_meanwhile)
+    with pytest.raises(InputError, match="changed while the leaves were merged"):
+        merge_directory(out)

@@ -19,12 +19,14 @@ made from bytes need them inline.
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
+from google.protobuf import unknown_fields
 from google.protobuf.message import EncodeError
 from onnx import TensorProto, external_data_helper, helper
 
@@ -113,15 +115,17 @@ def _checked_range(tensor: TensorProto, info: dict[str, str], size: int, name: s
     return offset, length
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> dict[Path, int]:
+def check_external_data(model: onnx.ModelProto, base_dir: Path, name: str,
+                        skip: Collection[int] = ()) -> dict[Path, int]:
     """Refuse unsafe or inconsistent external-data references; no data file is read.
 
     Returns the size of every referenced file (only ``stat`` is called on them).
+    ``skip``: positions of main-graph initializers to leave alone.
     """
     base = Path(base_dir).resolve()
     sizes: dict[Path, int] = {}
-    for tensor in all_tensors(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
+    for position, tensor in enumerate(all_tensors(model)):  # main-graph initializers come first
+        if tensor.data_location != TensorProto.EXTERNAL or position in skip:
             continue
         info = external_info(tensor)
         location = info.get("location", "")
@@ -135,21 +139,22 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> di
     return sizes
 
 
-def attach_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> None:
+def attach_external_data(model: onnx.ModelProto, base_dir: Path, name: str, skip: Collection[int] = ()) -> None:
     """Check the model's external data, then load it, or keep it on disk for huge files.
 
     Tensors smaller than :data:`EXTERNAL_THRESHOLD` are always loaded (shape
     inference reads small constants such as Reshape targets), and so are tensors
     inside nodes (Constant values, control-flow bodies): subgraph files copy nodes
     whole, so only main-graph initializers can be shared through ``weights.bin``.
+    ``skip``: positions of main-graph initializers to leave alone (``io._Deferred``).
     """
-    sizes = check_external_data(model, base_dir, name)
+    sizes = check_external_data(model, base_dir, name, skip)
     if not sizes:
         return
     base = Path(base_dir).resolve()
     keep = sum(sizes.values()) >= KEEP_ON_DISK_BYTES
-    declared = sum(int(external_info(t).get("length") or 0) for t in all_tensors(model)
-                   if t.data_location == TensorProto.EXTERNAL)
+    declared = sum(int(external_info(t).get("length") or 0) for position, t in enumerate(all_tensors(model))
+                   if t.data_location == TensorProto.EXTERNAL and position not in skip)
     if not keep and declared > sum(sizes.values()):
         # each range fits its file, but overlapping ones could make loading allocate without bound
         raise InputError(f"{name}: external data ranges overlap: tensors declare {declared} bytes from files "
@@ -158,7 +163,7 @@ def attach_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> N
         _kept_files.update((str(path), _identity(path)) for path in sizes)
     main = len(model.graph.initializer)
     for position, tensor in enumerate(all_tensors(model)):  # main-graph initializers come first
-        if tensor.data_location != TensorProto.EXTERNAL:
+        if tensor.data_location != TensorProto.EXTERNAL or position in skip:
             continue
         info = {k: v for k, v in external_info(tensor).items() if k != BASE_KEY}
         _, length = _checked_range(tensor, info, sizes[_safe_path(base, info["location"], tensor.name, name)], name)
@@ -187,7 +192,11 @@ def _read_range(base: Path, info: dict[str, str], tensor: TensorProto, name: str
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = path.stat()
+    return stat_identity(path.stat())
+
+
+def stat_identity(st) -> tuple[int, int, int, int]:
+    """A file's device, inode, size and modification time: it is the same file, unchanged."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -277,9 +286,12 @@ def set_external(tensor: TensorProto, location: str, offset: int, length: int, b
 
 # ---------------------------------------------------------------- light copies
 def byte_size(model: onnx.ModelProto) -> int:
-    """Serialized size; protobuf refuses to even count past 2 GiB, so that reads as 2 GiB."""
+    """Serialized size, counted piece by piece (no serialized copy of the model is made);
+    protobuf refuses to count past 2 GiB, so that reads as 2 GiB."""
     try:
-        return model.ByteSize()
+        if has_unknown_fields(model) or has_unknown_fields(model.graph):  # pieces leave them out
+            return model.ByteSize()
+        return min(ModelPieces(model).size(), TWO_GIB)
     except EncodeError:
         return TWO_GIB
 
@@ -297,37 +309,298 @@ def light_copy(model: onnx.ModelProto, stub_location: str | None = None) -> onnx
     Nothing of the original is modified and no weight is copied. Heavy tensors
     become external references: to ``stub_location`` (offset 0, their declared
     length) when given, else with no entries (the caller fills them in).
+    :func:`light_pieces` writes the same bytes without copying the nodes.
     """
     light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, light.graph, skip="initializer")
+    copy_fields(model, light, skip=("graph",))
+    copy_fields(model.graph, light.graph, skip=("initializer",))
     for tensor in model.graph.initializer:
-        if not is_heavy(tensor):
-            light.graph.initializer.append(tensor)
-            continue
-        stub = light.graph.initializer.add()
-        stub.name, stub.data_type, stub.doc_string = tensor.name, tensor.data_type, tensor.doc_string
-        stub.dims.extend(tensor.dims)
-        stub.data_location = TensorProto.EXTERNAL
-        if stub_location is not None:
-            set_external(stub, stub_location, 0, max(tensor_nbytes(tensor) or 0, 0))
+        light.graph.initializer.append(stub_tensor(tensor, stub_location) if is_heavy(tensor) else tensor)
     return light
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def stub_tensor(tensor: TensorProto, stub_location: str | None = None) -> TensorProto:
+    """``tensor``'s name, type, dims and doc string (those it has), stored externally, with no data."""
+    stub = TensorProto()
+    for field in ("name", "data_type", "doc_string"):
+        if tensor.HasField(field):
+            setattr(stub, field, getattr(tensor, field))
+    stub.dims.extend(tensor.dims)
+    stub.data_location = TensorProto.EXTERNAL
+    if stub_location is not None:
+        set_external(stub, stub_location, 0, max(tensor_nbytes(tensor) or 0, 0))
+    return stub
+
+
+def light_pieces(model: onnx.ModelProto, stub_location: str, *, value_info: bool = True) -> ModelPieces:
+    """``light_copy(model, stub_location)``, every other external tensor (in nodes, bodies
+    and functions) also pointed at ``stub_location``, as pieces: written, the bytes of
+    that copy, but no node is copied unless it holds such a tensor. ``value_info=False``
+    leaves the main graph's value infos out (the ONNX checker never reads them)."""
+    head = model
+    if any(_is_external(t) for f in model.functions for t in external_data_helper._get_attribute_tensors_from_graph(f)):
+        head = onnx.ModelProto()
+        copy_fields(model, head, skip=("graph",))
+        copy_fields(model.graph, head.graph, skip=("node", "initializer", "value_info"))
+        if model.HasField("graph"):
+            head.graph.SetInParent()
+        for function in head.functions:
+            _stub_external(external_data_helper._get_attribute_tensors_from_graph(function), stub_location)
+    patched = {}
+    for position, node in enumerate(model.graph.node):
+        if node.attribute and any(_is_external(t) for t in node_tensors(node)):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            _stub_external(node_tensors(copy), stub_location)
+            patched[position] = copy
+    nodes = [patched.get(i, n) for i, n in enumerate(model.graph.node)] if patched else None
+    inits = [stub_tensor(t, stub_location).SerializeToString() if is_heavy(t) else t for t in model.graph.initializer]
+    return ModelPieces(head, node=nodes, initializer=inits, value_info=None if value_info else ())
+
+
+def inference_pieces(model: onnx.ModelProto) -> ModelPieces:
+    """The model shape inference runs on: heavy main-graph initializers become typed graph
+    inputs (those not listed already), so no weight is written and ONNX's data propagation
+    only sees small constants."""
+    keep, extra = [], []
+    listed = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if not is_heavy(tensor):
+            keep.append(tensor)
+        elif tensor.name not in listed:
+            extra.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                         .SerializeToString())
+    return ModelPieces(model, initializer=keep, extra_inputs=extra)
+
+
+def node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    """Tensors inside one node: attribute values, and initializers and attributes of its bodies."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for body in bodies:
+            yield from body.initializer
+            for inner in body.node:
+                yield from node_tensors(inner)
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _stub_external(tensors: Iterator[TensorProto], stub_location: str) -> None:
+    for tensor in list(tensors):
+        if _is_external(tensor):
+            set_external(tensor, stub_location, 0, max(tensor_nbytes(tensor) or 0, 0))
+
+
+def copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every field ``src`` has, but those named in ``skip``, into ``dst``."""
     for descriptor, value in src.ListFields():
-        if descriptor.name == skip:
-            continue
-        target = getattr(dst, descriptor.name)
-        if _is_repeated(descriptor):
-            target.extend(value)
-        elif descriptor.message_type is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, descriptor.name, value)
+        if descriptor.name not in skip:
+            _set_field(dst, descriptor, value)
+
+
+def _set_field(dst, descriptor, value) -> None:
+    target = getattr(dst, descriptor.name)
+    if _is_repeated(descriptor):
+        target.extend(value)
+    elif descriptor.message_type is not None:
+        target.CopyFrom(value)
+    else:
+        setattr(dst, descriptor.name, value)
 
 
 def _is_repeated(descriptor) -> bool:
     if hasattr(descriptor, "is_repeated"):  # protobuf >= 6 dropped ``label``
         return bool(descriptor.is_repeated)
     return descriptor.label == descriptor.LABEL_REPEATED
+
+
+# ---------------------------------------------------------------- piecewise serialization
+# A ModelProto written field by field, in field-number order, is byte for byte what
+# ``SerializeToString`` gives; the graph's three big repeated fields (node,
+# initializer, value_info) are written one element at a time. So a model is saved,
+# and light copies reach the ONNX checker and shape inference, without a serialized
+# copy of the whole model in memory nor a Python copy of its nodes.
+_GRAPH = 7  # ModelProto.graph
+_NODE, _INITIALIZER, _INPUT, _VALUE_INFO = 1, 5, 11, 13  # GraphProto fields
+BLOCK_BYTES = 4 << 20  # scans and parses read files in blocks about this large
+_WRITE_BYTES = 256 << 10  # pieces are written in chunks about this large
+
+
+def varint(value: int) -> bytes:
+    if value < len(_SMALL_VARINTS):
+        return _SMALL_VARINTS[value]
+    return _varint(value)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)
+
+
+_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]  # every length below 16 KiB: one or two bytes
+
+
+def varint_sizes(values: np.ndarray) -> np.ndarray:
+    """Bytes each of ``values`` (non-negative) takes as a varint."""
+    values = np.asarray(values, dtype=np.uint64)
+    size = np.ones(values.shape, dtype=np.int64)
+    for bits in range(7, 64, 7):
+        size += values >= np.uint64(1 << bits)
+    return size
+
+
+def length_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field: key, length, payload."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def has_unknown_fields(message) -> bool:
+    """Fields the schema does not know, which piecewise writing would drop (then use SerializeToString)."""
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
+
+
+class ModelPieces:
+    """``model`` as it serializes, with its graph's node, initializer and value_info lists
+    replaced by ``node``, ``initializer`` and ``value_info`` when given, and ``extra_inputs``
+    appended to the graph inputs. Elements are messages, or ``bytes`` already serialized.
+    A sequence of elements may offer ``payload_sizes()`` (each element's serialized size
+    as an array, or None): the size of the model is then counted without serializing them.
+
+    ``model``'s own top-level and graph-level unknown fields are not written.
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, node=None, initializer=None, value_info=None,
+                 extra_inputs=()) -> None:
+        graph = model.graph
+        self.model = model
+        self.groups = {_NODE: graph.node if node is None else node,
+                       _INITIALIZER: graph.initializer if initializer is None else initializer,
+                       _VALUE_INFO: graph.value_info if value_info is None else value_info}
+        self.extra_inputs = extra_inputs
+
+    def _graph_sections(self) -> list:
+        """The graph's content in field-number order: bytes, or (field number, elements)."""
+        graph = self.model.graph
+        return [(_NODE, self.groups[_NODE]), _fields_bytes(graph, 1, 5), (_INITIALIZER, self.groups[_INITIALIZER]),
+                _fields_bytes(graph, 5, _INPUT + 1), (_INPUT, self.extra_inputs), _fields_bytes(graph, _INPUT + 1, 13),
+                (_VALUE_INFO, self.groups[_VALUE_INFO]), _fields_bytes(graph, 13, None)]
+
+    def _sections(self) -> tuple[bytes, list, bytes, bool]:
+        graph_sections = self._graph_sections()
+        present = self.model.HasField("graph") or any(not isinstance(s, bytes) and len(s[1]) for s in graph_sections)
+        return _fields_bytes(self.model, 0, _GRAPH), graph_sections, _fields_bytes(self.model, _GRAPH + 1, None), present
+
+    def size(self) -> int:
+        """Bytes the model serializes to."""
+        head, graph_sections, tail, present = self._sections()
+        size = len(head) + len(tail)
+        if present:
+            inner = sum(_section_size(s) for s in graph_sections)
+            size += len(varint(_GRAPH << 3 | 2)) + len(varint(inner)) + inner
+        return size
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.write(buffer)
+        return buffer.getvalue()
+
+    def write(self, fh) -> int:
+        """Write the serialized model to the binary file ``fh``; returns the bytes written."""
+        head, graph_sections, tail, present = self._sections()
+        out = bytearray(head)
+        written = len(head)
+        if present:
+            inner = sum(_section_size(s) for s in graph_sections)
+            out += varint(_GRAPH << 3 | 2) + varint(inner)
+            written += len(varint(_GRAPH << 3 | 2)) + len(varint(inner)) + inner
+            for section in graph_sections:
+                if isinstance(section, bytes):
+                    out += section
+                    continue
+                number, elements = section
+                key = varint(number << 3 | 2)
+                for element in elements:
+                    data = element if isinstance(element, bytes) else element.SerializeToString()
+                    out += key
+                    out += varint(len(data))
+                    out += data
+                    if len(out) >= _WRITE_BYTES:
+                        fh.write(out)
+                        out.clear()
+        out += tail
+        fh.write(out)
+        return written + len(tail)
+
+
+def _fields_bytes(message, low: int, high: int | None) -> bytes:
+    """The serialized fields of ``message`` numbered in [low, high), as they appear in its serialization."""
+    part = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.number >= low and (high is None or descriptor.number < high) \
+                and not (isinstance(message, onnx.GraphProto) and descriptor.number in (_NODE, _INITIALIZER, _VALUE_INFO)):
+            _set_field(part, descriptor, value)
+    return part.SerializeToString()
+
+
+def _section_size(section) -> int:
+    if isinstance(section, bytes):
+        return len(section)
+    number, elements = section
+    key = len(varint(number << 3 | 2))
+    sizes = elements.payload_sizes() if hasattr(elements, "payload_sizes") else None
+    if sizes is not None:
+        return int(key * len(sizes) + varint_sizes(sizes).sum() + sizes.sum())
+    total = 0
+    for element in elements:
+        n = len(element) if isinstance(element, bytes) else element.ByteSize()
+        total += key + len(varint(n)) + n
+    return total
+
+
+def scan_fields(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, end) of each field of the message in ``buf[start:end]``.
+
+    Varints, fixed 32/64-bit values and length-delimited fields (whose value excludes the
+    length); raises ``ValueError`` on groups or on anything malformed.
+    """
+    end = len(buf) if end is None else end
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value_start = pos
+            _, pos = read_varint(buf, pos, end)
+        elif wire == 2:
+            length, value_start = read_varint(buf, pos, end)
+            pos = value_start + length
+        elif wire in (1, 5):
+            value_start, pos = pos, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire} not supported")
+        if number == 0 or pos > end:
+            raise ValueError("malformed message")
+        yield number, wire, field_start, value_start, pos
+
+
+def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("malformed varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7

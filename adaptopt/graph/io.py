@@ -11,31 +11,66 @@ the ONNX checker and shape inference, and dynamic dims are pinned from the confi
 
 Saving is atomic: a temp file in the target folder renamed onto the target, so an
 interrupted or failed write leaves the previous file (or none) and no temp file.
+
+Memory (issue 2): no step holds a second whole copy of a model. A large file is parsed
+a block at a time and its large raw weights are read last, after the checker and shape
+inference, which run in ONNX's C++ code on light copies written piece by piece to temp
+files (``external.ModelPieces``); large files are saved piece by piece too.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from adaptopt.config import Config, InputSpec
 from adaptopt.errors import InputError
-from adaptopt.graph.checks import (check_graph_names, check_names_are_text, check_nesting, check_operators,
-                                   check_opsets)
-from adaptopt.graph.external import (  # noqa: F401 - re-exported for the graph modules
-    EXTERNAL_THRESHOLD, TWO_GIB, all_tensors, attach_external_data, byte_size, check_external_data, external_info,
-    light_copy, nested_tensors, on_disk, raw_bytes, set_external, tensor_nbytes, uses_external_data)
+from adaptopt.graph.checks import (
+    check_graph_names,
+    check_names_are_text,
+    check_nesting,
+    check_operators,
+    check_opsets,
+)
+from adaptopt.graph.external import (  # some re-exported for the graph modules
+    BLOCK_BYTES,
+    EXTERNAL_THRESHOLD,
+    TWO_GIB,
+    ModelPieces,
+    all_tensors,
+    attach_external_data,
+    byte_size,
+    check_external_data,  # noqa: F401
+    external_info,
+    has_unknown_fields,
+    inference_pieces,
+    is_heavy,
+    length_field,
+    light_copy,
+    light_pieces,
+    nested_tensors,
+    on_disk,
+    raw_bytes,
+    read_varint,
+    scan_fields,
+    set_external,
+    stat_identity,
+    tensor_nbytes,
+    uses_external_data,
+)
 
 DATA_PROP_MAX_LENGTH = 1 << 16  # ONNX data propagation costs ~200 bytes per element
+STREAM_BYTES = 1 << 20  # model files this large are written piece by piece, never whole in memory
 
 # Older names, kept for the modules that import them from here.
 _all_tensors, _raw_bytes, _set_external, _tensor_nbytes = all_tensors, raw_bytes, set_external, tensor_nbytes
@@ -58,6 +93,12 @@ def read_model_bytes_or_path(source: str | Path) -> tuple[bytes | None, Path | N
 
 def parse_model(source: str | Path, name: str | None = None) -> tuple[onnx.ModelProto, Path | None]:
     """Parse a model (weights left external) and refuse what is not one, or is nested too deeply."""
+    model, path, _ = _parse(source, name, defer=False)
+    return model, path
+
+
+def _parse(source: str | Path, name: str | None, defer: bool) -> tuple[onnx.ModelProto, Path | None, _Deferred | None]:
+    """``parse_model``; with ``defer``, large raw weights of a file are left in it (:class:`_Deferred`)."""
     data, path = read_model_bytes_or_path(source)
     name = name or ("<stdin>" if path is None else str(path))
     if data is not None and not data:
@@ -65,11 +106,13 @@ def parse_model(source: str | Path, name: str | None = None) -> tuple[onnx.Model
     if path is not None and path.stat().st_size >= TWO_GIB:
         raise InputError(f"{name}: a single ONNX file cannot hold 2 GiB or more (protobuf's limit); "
                          "store the weights as external data")
+    deferred = None
     try:
         if path is not None:
-            data = path.read_bytes()
-        model = onnx.ModelProto()
-        model.ParseFromString(data)
+            model, deferred = _read_model_file(path, defer)
+        else:
+            model = onnx.ModelProto()
+            model.ParseFromString(data)
     except DecodeError as exc:
         raise InputError(f"{name}: not a valid ONNX model ({_decode_reason(exc)})") from None
     except OSError as exc:
@@ -78,7 +121,188 @@ def parse_model(source: str | Path, name: str | None = None) -> tuple[onnx.Model
         raise InputError(f"{name}: not a valid ONNX model (no graph: empty or not a model file)")
     check_nesting(model, name)
     check_names_are_text(model, name)
-    return model, path
+    return model, path, deferred
+
+
+def _read_model_file(path: Path, defer: bool = False) -> tuple[onnx.ModelProto, _Deferred | None]:
+    """Parse a model file; one larger than :data:`BLOCK_BYTES` is read a block at a time.
+
+    Protobuf parses concatenated messages as one merged message, so merging the file's
+    top-level fields one by one, and its graph in runs of whole elements (each wrapped
+    as a ``graph`` field, so nesting depth counts as in one parse), gives exactly what
+    parsing the whole file gives, without the file's bytes in memory beside the model.
+    A layout the block reader does not follow (groups, malformed fields) is parsed whole,
+    so protobuf itself accepts or refuses it. With ``defer``, large raw weights are left
+    in the file until :meth:`_Deferred.fill` (None when there are none).
+    """
+    model = onnx.ModelProto()
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size > BLOCK_BYTES:
+            deferred = _Deferred(path, st) if defer else None
+            try:
+                for part in _model_parts(_BlockReader(fh, st.st_size), deferred):
+                    model.MergeFromString(part)
+                return model, deferred if deferred is not None and deferred.entries else None
+            except ValueError:
+                fh.seek(0)
+                model = onnx.ModelProto()
+        model.ParseFromString(fh.read())
+    return model, None
+
+
+class _Deferred:
+    """Main-graph initializers parsed without their raw weights, which stay in the model file.
+
+    Such a tensor holds only its name, type and dims and reads as stored externally
+    with no location, so light copies stub it and shape inference sees a typed input
+    exactly as for the whole tensor; the ONNX checker has nothing to say about it (raw
+    data of a numeric type whose size matches its dims). :meth:`fill` reads each raw
+    data from the file into it, giving the tensor a full parse would have given.
+    """
+
+    def __init__(self, path: Path, st: os.stat_result) -> None:
+        self.path, self.identity = path, stat_identity(st)
+        self.entries: list[tuple[int, int, int]] = []  # (initializer position, raw data's file offset, length)
+
+    @property
+    def positions(self) -> set[int]:
+        return {position for position, _, _ in self.entries}
+
+    def fill(self, model: onnx.ModelProto, name: str) -> None:
+        initializers = model.graph.initializer
+        try:
+            with open(self.path, "rb") as fh:
+                if stat_identity(os.fstat(fh.fileno())) != self.identity:
+                    raise InputError(f"{name}: the file changed while it was being loaded")
+                for position, offset, length in sorted(self.entries, key=lambda e: e[1]):
+                    fh.seek(offset)
+                    data = fh.read(length)
+                    if len(data) != length:
+                        raise InputError(f"{name}: the file changed while it was being loaded")
+                    tensor = initializers[position]  # nothing since the parse added, moved or dropped one
+                    tensor.ClearField("data_location")  # what the parse left out, and only that
+                    tensor.raw_data = data
+        except OSError as exc:
+            raise InputError(f"{name}: cannot read its weights again: {exc.strerror}") from None
+
+
+_DEFERRABLE_FIELDS = frozenset({1, 2, 3, 8, 9, 12, 16})  # TensorProto: dims, type, segment, name, raw, doc, metadata
+_INITIALIZER_KEY, _RAW_DATA = 5 << 3 | 2, 9
+
+
+def _stripped_tensor(buf: bytes, start: int, end: int) -> tuple[bytes, int, int] | None:
+    """The TensorProto in ``buf[start:end]`` without its raw data and marked external, with
+    where that raw data is in ``buf`` (start, length), when it is one whose raw data can wait
+    (see :class:`_Deferred`), else None."""
+    try:
+        fields = list(scan_fields(buf, start, end))
+    except ValueError:
+        return None
+    raw = [f for f in fields if f[0] == _RAW_DATA]
+    if len(raw) != 1 or raw[0][1] != 2 or any(f[0] not in _DEFERRABLE_FIELDS for f in fields):
+        return None
+    raw_length = raw[0][4] - raw[0][3]
+    stripped = b"".join(buf[f[2]:f[4]] for f in fields if f[0] != _RAW_DATA) + b"\x70\x01"  # data_location
+    probe = onnx.TensorProto()
+    try:
+        probe.ParseFromString(stripped)
+    except DecodeError:
+        return None
+    if raw_length < EXTERNAL_THRESHOLD or not probe.HasField("data_type") or tensor_nbytes(probe) != raw_length:
+        return None
+    return stripped, raw[0][3], raw_length
+
+
+class _BlockReader:
+    """A file read in blocks; ``buf[anchor:]`` stays in memory until the caller moves ``anchor``."""
+
+    def __init__(self, fh, size: int) -> None:
+        self.fh, self.size = fh, size
+        self.buf, self.base, self.pos, self.anchor = b"", 0, 0, 0
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def fill(self, need: int) -> None:
+        """Make ``buf[pos:pos + need]`` available; ``ValueError`` past the end of the file."""
+        have = len(self.buf) - self.pos
+        if have >= need:
+            return
+        if self.tell() + need > self.size:
+            raise ValueError("field runs past the end of the file")
+        more = self.fh.read(max(need - have, BLOCK_BYTES))
+        self.base += self.anchor
+        self.buf, self.pos, self.anchor = self.buf[self.anchor:] + more, self.pos - self.anchor, 0
+        if len(self.buf) - self.pos < need:
+            raise ValueError("file shorter than its size")
+
+    def varint(self) -> int:
+        self.fill(min(10, self.size - self.tell()))
+        value, self.pos = read_varint(self.buf, self.pos, len(self.buf))
+        return value
+
+    def skip(self, wire: int) -> None:
+        """Move past the value of a field of wire type ``wire``."""
+        if wire == 0:
+            self.varint()
+            return
+        if wire == 2:
+            n = self.varint()
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        self.fill(n)
+        self.pos += n
+
+
+def _model_parts(reader: _BlockReader, deferred: _Deferred | None) -> Iterator[bytes]:
+    """The file's top-level fields, each graph field cut into runs of whole elements."""
+    position = 0  # of the next initializer
+    while reader.tell() < reader.size:
+        reader.anchor = reader.pos
+        key = reader.varint()
+        if key >> 3 == 0:
+            raise ValueError("field number 0")
+        if key != (7 << 3 | 2):  # ModelProto.graph
+            reader.skip(key & 7)
+            yield reader.buf[reader.anchor:reader.pos]
+            continue
+        end = reader.varint()
+        end += reader.tell()
+        if end > reader.size:
+            raise ValueError("graph runs past the end of the file")
+        yield length_field(7, b"")  # the graph is present even when empty
+        while reader.tell() < end:
+            reader.anchor = reader.pos
+            pieces, size = [], 0
+            while reader.tell() < end and size + reader.pos - reader.anchor < BLOCK_BYTES:
+                element = reader.tell()
+                key = reader.varint()
+                if key >> 3 == 0:
+                    raise ValueError("field number 0")
+                if key != _INITIALIZER_KEY:
+                    reader.skip(key & 7)
+                    continue
+                length = reader.varint()
+                reader.fill(length)
+                value, reader.pos = reader.pos, reader.pos + length
+                stripped = None
+                if deferred is not None and length >= EXTERNAL_THRESHOLD:
+                    stripped = _stripped_tensor(reader.buf, value, reader.pos)
+                if stripped is not None:
+                    tensor, raw_start, raw_length = stripped
+                    pieces += (reader.buf[reader.anchor:element - reader.base], length_field(5, tensor))
+                    size += len(pieces[-2]) + len(pieces[-1])
+                    deferred.entries.append((position, reader.base + raw_start, raw_length))
+                    reader.anchor = reader.pos
+                position += 1
+            if reader.tell() > end:
+                raise ValueError("graph element runs past the graph")
+            pieces.append(reader.buf[reader.anchor:reader.pos])
+            yield length_field(7, b"".join(pieces))
+    reader.anchor = reader.pos
 
 
 def _decode_reason(exc: DecodeError) -> str:
@@ -91,14 +315,17 @@ def load_model(source: str | Path, config: Config | None = None, *, infer: bool 
     """Load, check, shape-infer and pin a model.
 
     External data is loaded into memory, or kept on disk when its files hold 2 GiB
-    or more (``graph/external.py``).
+    or more (``graph/external.py``). The large raw weights of a model file are read
+    last, after the checker and shape inference, which only see light copies
+    (:class:`_Deferred`): they are never in memory beside those copies.
     """
-    model, path = parse_model(source)
+    model, path, deferred = _parse(source, None, defer=True)
     name = "<stdin>" if path is None else str(path)
     check_opsets(model, name)
     check_operators(model, name)
     check_graph_names(model, name)  # before any weight is read: refusing is cheap
-    attach_external_data(model, path.parent if path is not None else Path.cwd(), name)
+    skip = deferred.positions if deferred is not None else ()
+    attach_external_data(model, path.parent if path is not None else Path.cwd(), name, skip=skip)
     check_model(model, name, structure=False)
     # IR < 4 requires every initializer to be a graph input too; subgraphs and merged
     # models list only real inputs, which IR 4 allows with the same meaning.
@@ -107,6 +334,8 @@ def load_model(source: str | Path, config: Config | None = None, *, infer: bool 
         model = pin_input_shapes(model, config.inputs, name)
     if infer:
         model = infer_shapes(model, name)
+    if deferred is not None:
+        deferred.fill(model, name)
     return model
 
 
@@ -119,8 +348,11 @@ def check_model(model: onnx.ModelProto, name: str = "<model>", *, structure: boo
     """The structural checks of ``graph/checks.py``, then the ONNX checker.
 
     The structural checks sort nodes stored out of topological order in place.
-    Models over 2 GiB or with external data are checked as a light copy whose
-    weights point at an empty stub file (the checker looks at dims and types only).
+    The checker reads a light copy written to a temp file, its heavy initializers
+    pointing at an empty stub file and without the main graph's value infos (which
+    the checker never reads): no weight is copied and no node is copied in Python.
+    Then each heavy initializer held in memory goes through the checker's own tensor
+    check, which is what the whole-model check does with it.
     """
     if structure:
         check_nesting(model, name)
@@ -129,17 +361,14 @@ def check_model(model: onnx.ModelProto, name: str = "<model>", *, structure: boo
         check_operators(model, name)
         check_graph_names(model, name)
     try:
-        if byte_size(model) < TWO_GIB and not uses_external_data(model):
-            onnx.checker.check_model(model)
-            return
         with tempfile.TemporaryDirectory(prefix="adaptopt-check-") as tmp:
             (Path(tmp) / "stub.bin").touch()
-            light = light_copy(model, stub_location="stub.bin")
-            for tensor in nested_tensors(light):  # weights inside bodies and Constant nodes
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    set_external(tensor, "stub.bin", 0, max(tensor_nbytes(tensor) or 0, 0))
-            (Path(tmp) / "model.onnx").write_bytes(light.SerializeToString())
+            with open(Path(tmp) / "model.onnx", "wb") as fh:
+                light_pieces(model, "stub.bin", value_info=False).write(fh)
             onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and is_heavy(tensor):
+                onnx.checker.check_tensor(tensor)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{name}: ONNX checker failed: {_checker_reason(exc)}") from None
 
@@ -161,44 +390,98 @@ def infer_shapes(model: onnx.ModelProto, name: str = "<model>") -> onnx.ModelPro
     large 1-D weight), only sees the small constants that shape arithmetic uses.
     Data propagation is skipped altogether when a 1-D tensor longer than
     :data:`DATA_PROP_MAX_LENGTH` exists, as it expands graph inputs too.
+    The copy goes to ONNX through a temp file and only the results are read back
+    (value infos, output types, nodes whose bodies gained value infos), so neither
+    side holds a second copy of the model.
     """
-    probe = _inference_copy(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False)
-        if not _long_vectors(inferred):
-            inferred = onnx.shape_inference.infer_shapes(probe, check_type=False, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:  # ValueError: bad types
-        raise InputError(f"{name}: shape inference failed: {_first_line(exc)}") from None
-    del model.graph.node[:]
-    model.graph.node.extend(inferred.graph.node)  # control-flow bodies carry their own value_info
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    for out, typed in zip(model.graph.output, inferred.graph.output):
-        out.type.CopyFrom(typed.type)
+    with tempfile.TemporaryDirectory(prefix="adaptopt-infer-") as tmp:
+        probe, out = Path(tmp) / "probe.onnx", Path(tmp) / "inferred.onnx"
+        with open(probe, "wb") as fh:
+            inference_pieces(model).write(fh)
+        try:
+            onnx.shape_inference.infer_shapes_path(probe, out, check_type=False, strict_mode=False)
+            result = _Inferred(out.read_bytes())
+            if not result.long_vectors():
+                del result  # not held while ONNX infers again
+                onnx.shape_inference.infer_shapes_path(probe, out, check_type=False, strict_mode=False,
+                                                       data_prop=True)
+                result = _Inferred(out.read_bytes())
+        except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as exc:  # ValueError: bad types
+            raise InputError(f"{name}: shape inference failed: {_first_line(exc)}") from None
+    result.apply(model)
     return model
 
 
-def _long_vectors(model: onnx.ModelProto) -> bool:
-    graph = model.graph
+class _Inferred:
+    """The inferred copy as written by ONNX, read field by field without parsing its nodes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.whole: onnx.ModelProto | None = None
+        spans: dict[int, list[int]] = {1: [], 11: [], 12: [], 13: []}  # field -> flat (start, end) pairs
+        try:
+            graphs = [(v, e) for number, wire, _, v, e in scan_fields(data) if number == 7 and wire == 2]
+            if len(graphs) != 1:
+                raise ValueError("one graph expected")
+            for number, wire, field_start, value_start, end in scan_fields(data, *graphs[0]):
+                if number in spans and wire == 2:
+                    spans[number] += (value_start if number == 1 else field_start, end)
+        except ValueError:  # not as ONNX writes it: parse it whole
+            self.whole = onnx.load_from_string(data)
+        # node payloads and the other fields whole (key and length included), as compact arrays
+        self.spans = {number: array.array("q", flat) for number, flat in spans.items()}
+
+    def _pairs(self, number: int) -> Iterator[tuple[int, int]]:
+        flat = self.spans[number]
+        return zip(flat[0::2], flat[1::2])
+
+    def _graph(self, numbers: tuple[int, ...]) -> onnx.GraphProto:
+        """A graph holding only the fields ``numbers`` (inputs 11, outputs 12, value infos 13)."""
+        graph = onnx.GraphProto()
+        if self.whole is not None:
+            for number in numbers:
+                field = _GRAPH_FIELDS[number]
+                getattr(graph, field).extend(getattr(self.whole.graph, field))
+        else:
+            graph.MergeFromString(self._raw(numbers))
+        return graph
+
+    def _raw(self, numbers: tuple[int, ...]) -> bytes:
+        return b"".join(self.data[s:e] for n in numbers for s, e in self._pairs(n))
+
+    def long_vectors(self) -> bool:
+        return _long_vectors(self._graph((11, 13, 12)))
+
+    def apply(self, model: onnx.ModelProto) -> None:
+        """What the old ``infer_shapes`` copied back: nodes (bodies gain value infos), value infos, output types."""
+        graph = model.graph
+        if self.whole is not None or len(self.spans[1]) // 2 != len(graph.node):
+            inferred = self.whole or onnx.load_from_string(self.data)
+            del graph.node[:]
+            graph.node.extend(inferred.graph.node)
+        else:  # a node inference left unchanged is not replaced by its equal
+            for node, (start, end) in zip(graph.node, self._pairs(1)):
+                data = self.data[start:end]
+                if node.SerializeToString() != data:
+                    node.ParseFromString(data)
+        del graph.value_info[:]
+        if self.whole is not None:
+            graph.value_info.extend(self.whole.graph.value_info)
+        else:  # parsed straight into the model: no second copy of the value infos
+            model.MergeFromString(length_field(7, self._raw((13,))))
+        for out, typed in zip(graph.output, self._graph((12,)).output):
+            out.type.CopyFrom(typed.type)
+
+
+_GRAPH_FIELDS = {11: "input", 12: "output", 13: "value_info"}
+
+
+def _long_vectors(graph: onnx.GraphProto) -> bool:
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else ()
         if len(dims) == 1 and dims[0].dim_value > DATA_PROP_MAX_LENGTH:
             return True
     return False
-
-
-def _inference_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    probe = light_copy(model)
-    heavy = [t for t in probe.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if not heavy:
-        return probe
-    keep = [t for t in probe.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
-    listed = {i.name for i in probe.graph.input}
-    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                             for t in heavy if t.name not in listed)
-    del probe.graph.initializer[:]
-    probe.graph.initializer.extend(keep)
-    return probe
 
 
 def pin_input_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputSpec], name: str) -> onnx.ModelProto:
@@ -325,14 +608,19 @@ def save_model(model: onnx.ModelProto, destination: str | Path, *, external: boo
     ``external=True`` put their large tensors in a side file ``<name>.data`` next to
     the model, streamed one tensor at a time; both files are renamed into place only
     once complete. The in-memory ``model`` is not modified. ``destination`` may be
-    the file the model was loaded from.
+    the file the model was loaded from. A single file of :data:`STREAM_BYTES` or more
+    is written piece by piece (``ModelPieces``): the bytes ``SerializeToString`` gives,
+    without holding them.
     """
     size = byte_size(model)
     on_disk = uses_external_data(model)
     if str(destination) == "-":
         if size >= TWO_GIB or on_disk:
             raise InputError("a model of 2 GiB or more cannot be written to stdout; give -o PATH")
-        sys.stdout.buffer.write(model.SerializeToString())
+        if size < STREAM_BYTES or not _piecewise(model):
+            sys.stdout.buffer.write(model.SerializeToString())
+        else:
+            ModelPieces(model).write(sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
     target = Path(destination)
@@ -340,11 +628,29 @@ def save_model(model: onnx.ModelProto, destination: str | Path, *, external: boo
         external = size >= TWO_GIB or on_disk
     if not external:
         with atomic_path(target) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+            if size < STREAM_BYTES or not _piecewise(model):
+                tmp.write_bytes(model.SerializeToString())
+            else:
+                write_pieces(tmp, ModelPieces(model), size)
         return
     data_name = target.name + ".data"
     with atomic_path(target.parent / data_name) as tmp_data, atomic_path(target) as tmp_model:
         _write_external(model, tmp_model, tmp_data, data_name)
+
+
+def _piecewise(model: onnx.ModelProto) -> bool:
+    """Whether ModelPieces writes ``model`` byte for byte (it leaves out top-level unknown fields)."""
+    return not (has_unknown_fields(model) or has_unknown_fields(model.graph))
+
+
+def write_pieces(path: Path, pieces: ModelPieces, size: int | None = None) -> None:
+    """Write ``pieces`` to ``path``: in one write below :data:`STREAM_BYTES`, else piece by piece."""
+    size = pieces.size() if size is None else size
+    if size < STREAM_BYTES:
+        path.write_bytes(pieces.to_bytes())
+        return
+    with open(path, "wb") as fh:
+        pieces.write(fh)
 
 
 def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, data_name: str) -> None:

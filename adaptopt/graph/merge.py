@@ -11,16 +11,30 @@ ops in the other leaves.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import onnx
 from onnx import helper
 
 from adaptopt.errors import InputError
+from adaptopt.graph.external import (
+    EXTERNAL_THRESHOLD,
+    copy_fields,
+    external_info,
+    stat_identity,
+    tensor_nbytes,
+)
 from adaptopt.graph.index import has_type
-from adaptopt.graph.io import attach_external_data, check_model, parse_model
+from adaptopt.graph.io import (
+    attach_external_data,
+    check_model,
+    length_field,
+    parse_model,
+)
 from adaptopt.graph.subgraph import MANIFEST_FORMAT
 
 
@@ -30,6 +44,22 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
     Fills a single ModelProto in place (no intermediate copies), and ``leaves`` may be
     a generator: each leaf is read, copied in and can be dropped before the next.
     """
+    model, value_info = _merge(skeleton, ((leaf, {}) for leaf in leaves), _Weights())
+    _add_value_info(model, value_info)
+    return model
+
+
+def _add_value_info(model: onnx.ModelProto, value_info: bytes) -> None:
+    """Append the serialized ``GraphProto.value_info`` fields ``value_info`` to the model's graph."""
+    model.MergeFromString(length_field(7, value_info))
+
+
+def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, dict[int, _Ref]]],
+           weights: _Weights) -> tuple[onnx.ModelProto, bytes]:
+    """``merge_models`` of (leaf, :func:`_leaf_refs`) pairs, but its value infos are returned as
+    serialized graph fields, for :func:`_add_value_info` (a fifth of the merged graph's memory,
+    which the checker never reads), and weights read from a data file may stay there until
+    ``weights.fill`` (:class:`_Weights`)."""
     model = onnx.ModelProto()
     graph = model.graph
     io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
@@ -38,20 +68,21 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
     name_counters: dict[str, int] = {}
     initializers: dict[str, onnx.TensorProto] = {}
     value_info: set[str] = set()
+    value_info_fields = bytearray()
     opsets: dict[str, int] = {}
     functions: dict[tuple[str, str], onnx.FunctionProto] = {(f.domain, f.name): f for f in skeleton.functions}
     _union_opsets(opsets, skeleton, "the original model")
     ir_version = skeleton.ir_version
-    for i, leaf in enumerate(leaves):
+    for i, (leaf, refs) in enumerate(leaves):
         g = leaf.graph
         ir_version = max(ir_version, leaf.ir_version)
         boundary = {t.name for t in g.input} | {t.name for t in g.output}
-        renames = _internal_renames(g, boundary, taken, initializers, f"l{i}")
-        for tensor in g.initializer:
+        renames = _internal_renames(g, boundary, taken, initializers, f"l{i}", weights)
+        for position, tensor in enumerate(g.initializer):
             name = renames.get(tensor.name, tensor.name)
             if name not in initializers:
                 copy = graph.initializer.add()
-                copy.CopyFrom(tensor)
+                weights.copy_in(copy, tensor, refs.get(position), name)
                 copy.name = name
                 initializers[name] = copy
         for node in g.node:
@@ -64,9 +95,12 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             name = renames.get(vi.name, vi.name)
             if name not in value_info and name not in initializers and name not in io_names and has_type(vi):
-                copy = graph.value_info.add()
-                copy.CopyFrom(vi)
-                copy.name = name
+                if name != vi.name:
+                    renamed = onnx.ValueInfoProto()
+                    renamed.CopyFrom(vi)
+                    renamed.name = name
+                    vi = renamed
+                value_info_fields += length_field(13, vi.SerializeToString())  # GraphProto.value_info
                 value_info.add(name)
         _union_opsets(opsets, leaf, f"leaf {i}")
         for f in leaf.functions:
@@ -82,7 +116,92 @@ def merge_models(skeleton: onnx.ModelProto, leaves: Iterable[onnx.ModelProto]) -
     model.metadata_props.extend(skeleton.metadata_props)
     model.functions.extend(functions.values())
     _keep_used_initializers(model)
-    return model
+    return model, bytes(value_info_fields)
+
+
+_Ref = tuple[Path, int, int]  # a main-graph initializer's data: resolved file, offset, length
+
+
+class _Weights:
+    """Merged initializers whose raw data stays in the split folder's data file until :meth:`fill`.
+
+    Only tensors a leaf read from a data file, whose data is raw bytes of a numeric type
+    matching their dims: one is copied in without its data and reads as stored externally,
+    which the ONNX checker's light copy stubs exactly as the whole tensor (and a whole
+    such tensor passes the checker's tensor check). Comparisons read the data back.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, _Ref] = {}  # merged name -> where its data is
+        self.files: dict[Path, tuple[int, int, int, int]] = {}  # identity when first read
+
+    def copy_in(self, copy: onnx.TensorProto, tensor: onnx.TensorProto, ref: _Ref | None, name: str) -> None:
+        if ref is None or not _raw_only(tensor, ref[2]):
+            copy.CopyFrom(tensor)
+            return
+        copy_fields(tensor, copy, skip=("raw_data",))
+        copy.data_location = onnx.TensorProto.EXTERNAL
+        self.pending[name] = ref
+        if ref[0] not in self.files:
+            self.files[ref[0]] = stat_identity(ref[0].stat())
+
+    def whole(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor``, or a copy of it with its data when that is still pending."""
+        if tensor.name not in self.pending or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return tensor
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        with open(self.pending[tensor.name][0], "rb") as fh:
+            self._restore(copy, fh)
+        return copy
+
+    def fill(self, model: onnx.ModelProto, what: str) -> None:
+        """Give every pending tensor of ``model`` its data back, reading each file in order."""
+        todo = sorted((self.pending[t.name][0], self.pending[t.name][1], t) for t in model.graph.initializer
+                      if t.name in self.pending and t.data_location == onnx.TensorProto.EXTERNAL)
+        try:
+            for file, group in itertools.groupby(todo, key=lambda item: item[0]):
+                with open(file, "rb") as fh:
+                    if stat_identity(os.fstat(fh.fileno())) != self.files[file]:
+                        raise InputError(f"{what}: {file} changed while the leaves were merged")
+                    for _, _, tensor in group:
+                        self._restore(tensor, fh)
+        except OSError as exc:
+            raise InputError(f"{what}: cannot read weights again: {exc.strerror}") from None
+
+    def _restore(self, tensor: onnx.TensorProto, fh) -> None:
+        _, offset, length = self.pending[tensor.name]
+        fh.seek(offset)
+        data = fh.read(length)
+        if len(data) != length:
+            raise InputError(f"tensor '{tensor.name}': its data file was truncated while the leaves were merged")
+        tensor.data_location = onnx.TensorProto.DEFAULT  # as attach_external_data leaves a loaded tensor
+        tensor.raw_data = data
+
+
+_DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _raw_only(tensor: onnx.TensorProto, length: int) -> bool:
+    """Loaded data (raw bytes only) of a numeric type whose dims need exactly ``length`` bytes."""
+    return (length >= EXTERNAL_THRESHOLD and tensor.data_location != onnx.TensorProto.EXTERNAL
+            and tensor_nbytes(tensor) == length and not any(len(getattr(tensor, f)) for f in _DATA_FIELDS))
+
+
+def _leaf_refs(leaf: onnx.ModelProto, directory: Path) -> dict[int, _Ref]:
+    """Before its data is attached: where each main-graph initializer stored externally reads from
+    (resolved as ``attach_external_data`` resolves and checks it)."""
+    refs = {}
+    base = directory.resolve()
+    for position, tensor in enumerate(leaf.graph.initializer):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = external_info(tensor)
+        try:
+            refs[position] = ((base / info["location"]).resolve(), int(info.get("offset") or 0), int(info["length"]))
+        except (KeyError, ValueError, OSError):
+            continue  # attach_external_data refuses it, or it stays unloaded
+    return refs
 
 
 def _union_opsets(opsets: dict[str, int], model: onnx.ModelProto, what: str) -> None:
@@ -95,7 +214,7 @@ def _union_opsets(opsets: dict[str, int], model: onnx.ModelProto, what: str) -> 
 
 
 def _internal_renames(g: onnx.GraphProto, boundary: set[str], taken: set[str],
-                      initializers: dict[str, onnx.TensorProto], tag: str) -> dict[str, str]:
+                      initializers: dict[str, onnx.TensorProto], tag: str, weights: _Weights) -> dict[str, str]:
     renames: dict[str, str] = {}
     produced = [o for n in g.node for o in n.output if o and o not in boundary]
     for name in produced:
@@ -106,7 +225,7 @@ def _internal_renames(g: onnx.GraphProto, boundary: set[str], taken: set[str],
         other = initializers.get(tensor.name)
         if tensor.name in boundary:
             continue
-        if (other is not None and not _same_tensor(other, tensor)) or tensor.name in taken:
+        if (other is not None and not _same_tensor(weights.whole(other), tensor)) or tensor.name in taken:
             renames[tensor.name] = _unique(f"{tensor.name}__{tag}", taken | set(initializers))
     return renames
 
@@ -196,33 +315,57 @@ def merge_directory(directory: str | Path) -> onnx.ModelProto:
     directory = Path(directory)
     manifest = load_manifest(directory)
     files = {n["id"]: n["file"] for n in manifest["nodes"]}
-    expected = {n["id"]: n for n in manifest["nodes"]}
-    missing = [sid for sid in [manifest["root"], *manifest["leaves"]] if sid not in files]
+    # what the leaf checks read; not every tree node's node names (a 100k-node tree lists each name 7 times)
+    expected = {n["id"]: {k: n[k] for k in ("file", "boundary_inputs", "boundary_outputs") if k in n}
+                for n in manifest["nodes"]}
+    root, leaf_ids = manifest["root"], manifest["leaves"]
+    del manifest
+    missing = [sid for sid in [root, *leaf_ids] if sid not in files]
     if missing:
         raise InputError(f"{directory}/manifest.json: tree node(s) {missing} have no entry")
-    skeleton = _load_file(directory, files[manifest["root"]], load_weights=False)
+    skeleton = _signature(_load_file(directory, files[root], load_weights=False))
     graph_inputs = {i.name for i in skeleton.graph.input}
 
     def leaves():  # one leaf in memory at a time
-        for sid in manifest["leaves"]:
-            leaf = _load_file(directory, files[sid], load_weights=True)
+        for sid in leaf_ids:
+            leaf, refs = _load_file(directory, files[sid], load_weights=True)
             _check_leaf_boundary(leaf, expected[sid], sid, graph_inputs)
-            yield leaf
+            yield leaf, refs
 
-    model = merge_models(skeleton, leaves())
-    check_model(model, f"merged model from {directory}")
+    weights = _Weights()
+    model, value_info = _merge(skeleton, leaves(), weights)
+    del skeleton
+    # The checker reads a light copy: it needs neither the weights nor the value infos,
+    # which join the merged graph after it (their names come from leaves whose names
+    # were checked when parsed, so the name check has nothing to add).
+    what = f"merged model from {directory}"
+    check_model(model, what)
+    weights.fill(model, what)
+    _add_value_info(model, value_info)
     return model
 
 
-def _load_file(directory: Path, name: str, load_weights: bool) -> onnx.ModelProto:
+def _signature(root: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``merge_models`` reads from the skeleton: the root file without its nodes and value
+    infos (it holds every node), so those are not kept in memory while the leaves are merged."""
+    skeleton = onnx.ModelProto()
+    copy_fields(root, skeleton, skip=("graph",))
+    copy_fields(root.graph, skeleton.graph, skip=("node", "value_info"))
+    return skeleton
+
+
+def _load_file(directory: Path, name: str, load_weights: bool):
+    """The parsed file; with ``load_weights``, (model with its data attached, :func:`_leaf_refs`)."""
     path = directory / name
     if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file() \
             or directory.resolve() not in path.resolve().parents:
         raise InputError(f"{directory}: subgraph file '{name}' named in the manifest is missing or outside the folder")
     model, _ = parse_model(path)
-    if load_weights:
-        attach_external_data(model, directory, str(path))
-    return model
+    if not load_weights:
+        return model
+    refs = _leaf_refs(model, directory)
+    attach_external_data(model, directory, str(path))
+    return model, refs
 
 
 def _check_leaf_boundary(leaf: onnx.ModelProto, entry: dict, sid: str, graph_inputs: set[str]) -> None:

@@ -8,7 +8,7 @@ once into a shared ``weights.bin`` that each subgraph file points into.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,14 @@ from onnx import TensorProto, helper
 
 from adaptopt.errors import InputError
 from adaptopt.graph.index import GraphIndex, has_type
-from adaptopt.graph.io import EXTERNAL_THRESHOLD, _raw_bytes, _set_external, atomic_path
+from adaptopt.graph.io import (
+    EXTERNAL_THRESHOLD,
+    ModelPieces,
+    _raw_bytes,
+    _set_external,
+    atomic_path,
+    write_pieces,
+)
 from adaptopt.graph.partition import PartitionTree, Subgraph
 
 MANIFEST_FORMAT = "adaptopt-split"
@@ -52,34 +59,110 @@ def external_stub(src: TensorProto, ref: tuple[str, int, int]) -> TensorProto:
 
 def _range_model(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
                  stubs: dict[str, TensorProto]) -> onnx.ModelProto:
-    """``extract_range``; ``stubs`` caches the external stubs made so far (a tree's files share them)."""
-    inputs, outputs, inits = index.boundary(start, stop)
+    """``extract_range``; ``stubs`` caches the external stubs made so far."""
+    model, inits = _range_head(index, start, stop, name)
     for n in inits:
         if n in weight_refs and n not in stubs:
             stubs[n] = external_stub(index.initializers[n], weight_refs[n])
-    src = index.model
     # Filled in place: helper.make_model would copy the whole graph once more (the root
     # holds every node). extend() copies, so the index's own protos are passed as they are.
-    model = onnx.ModelProto(ir_version=src.ir_version, producer_name="adaptopt")
     graph = model.graph
     graph.node.extend(index.nodes[start:stop])
-    graph.name = name
-    graph.input.extend(_value_info(index, n) for n in inputs)
-    graph.output.extend(_value_info(index, n) for n in outputs)
     graph.initializer.extend(stubs[n] if n in stubs else index.initializers[n] for n in inits)
     graph.value_info.extend(_internal_value_info(index, start, stop))
-    model.opset_import.extend(src.opset_import)
-    model.functions.extend(src.functions)
     return model
 
 
-def _internal_value_info(index: GraphIndex, start: int, stop: int) -> list[onnx.ValueInfoProto]:
-    """Typed value infos of the tensors written and only read inside [start, stop), by name."""
+def _range_head(index: GraphIndex, start: int, stop: int, name: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The model of nodes [start, stop) but its nodes, initializers and value infos; the initializers it uses."""
+    inputs, outputs, inits = index.boundary(start, stop)
+    src = index.model
+    model = onnx.ModelProto(ir_version=src.ir_version, producer_name="adaptopt")
+    graph = model.graph
+    graph.name = name
+    graph.input.extend(_value_info(index, n) for n in inputs)
+    graph.output.extend(_value_info(index, n) for n in outputs)
+    model.opset_import.extend(src.opset_import)
+    model.functions.extend(src.functions)
+    return model, inits
+
+
+def _range_pieces(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
+                  stubs: dict[str, bytes], sizes: _Sizes | None = None) -> ModelPieces:
+    """``_range_model`` as pieces: written, the same bytes, but no node, weight or value info is
+    copied (the root file holds every node). ``stubs`` caches serialized external stubs, which
+    a tree's files share; ``sizes`` the serialized sizes of nodes and value infos, which are the
+    same in every file. ``.model`` is the head, which the caller may still edit."""
+    model, inits = _range_head(index, start, stop, name)
+    for n in inits:
+        if n in weight_refs and n not in stubs:
+            stubs[n] = external_stub(index.initializers[n], weight_refs[n]).SerializeToString()
+    return ModelPieces(model, node=_Span(index.nodes, start, stop, sizes and sizes.nodes),
+                       initializer=[stubs[n] if n in stubs else index.initializers[n] for n in inits],
+                       value_info=_internal_value_info(index, start, stop, sizes and sizes.value_infos))
+
+
+class _Sizes:
+    """Serialized sizes of an index's nodes (by position) and value infos (by tensor id, -1: none),
+    counted once for all the files of a tree."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.nodes = np.fromiter((node.ByteSize() for node in index.nodes), dtype=np.int32, count=len(index))
+        t = index.tables
+        self.value_infos = np.full(len(t.tensor_names), -1, dtype=np.int32)
+        ids = np.unique(t.write_tensor[index.written_typed()]).tolist()
+        for i, vi in zip(ids, index.value_info.by_ids(ids)):
+            self.value_infos[i] = vi.ByteSize()
+
+
+class _Span(Sequence):
+    """``nodes[start:stop]`` without a list of them (``sizes``: every node's serialized size)."""
+
+    def __init__(self, nodes: Sequence, start: int, stop: int, sizes: np.ndarray | None = None) -> None:
+        self.nodes, self.start, self.stop, self.sizes = nodes, start, stop, sizes
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.nodes[self.start + i]
+
+    def __iter__(self):
+        return self.nodes.span(self.start, self.stop)
+
+    def payload_sizes(self) -> np.ndarray | None:
+        return None if self.sizes is None else self.sizes[self.start:self.stop]
+
+
+def _internal_value_info(index: GraphIndex, start: int, stop: int,
+                         sizes: np.ndarray | None = None) -> Sequence[onnx.ValueInfoProto]:
+    """Typed value infos of the tensors written and only read inside [start, stop), by name
+    (a sequence whose protos are looked up on access: the root's holds every tensor)."""
     t = index.tables
     a, b = t.write_offsets[start], t.write_offsets[stop]
     ids = t.write_tensor[a:b][(t.write_leaves_at[a:b] < stop) & index.written_typed()[a:b]]
-    ids = ids[np.argsort(t.name_rank[ids])]
-    return [index.value_info[t.tensor_names[i]] for i in ids.tolist()]
+    return _Lookup(index.value_info, t.tensor_names, ids[np.argsort(t.name_rank[ids])], sizes)
+
+
+class _Lookup(Sequence):
+    """``[protos[names[i]] for i in ids]`` without the list (``sizes``: serialized size by id)."""
+
+    def __init__(self, protos, names: list[str], ids: np.ndarray, sizes: np.ndarray | None = None) -> None:
+        self.protos, self.names, self.ids, self.sizes = protos, names, ids, sizes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int):
+        return self.protos[self.names[self.ids[k]]]
+
+    def __iter__(self):
+        return self.protos.by_ids(self.ids.tolist())
+
+    def payload_sizes(self) -> np.ndarray | None:
+        return None if self.sizes is None else self.sizes[self.ids]
 
 
 def extract(index: GraphIndex, sub: Subgraph) -> onnx.ModelProto:
@@ -162,23 +245,24 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
     index = tree.index
     fill_missing_types(index, [n for s in tree.nodes.values() for n in s.boundary_inputs + s.boundary_outputs], feeds)
     refs = write_weights(index, directory)
-    stubs: dict[str, TensorProto] = {}  # each weight's external stub is made once, not once per file
+    stubs: dict[str, bytes] = {}  # each weight's external stub is made once, not once per file
+    sizes = _Sizes(index)
     entries = []
     for sub in sorted(tree.nodes.values(), key=lambda s: (s.depth, s.start)):
         file_name = f"sg_{sub.id}.onnx"
-        model = _range_model(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs)
+        pieces = _range_pieces(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs, sizes)
         if sub.id == tree.root:
-            _keep_original_signature(model, index.model)
+            _keep_original_signature(pieces.model, index.model)
         with atomic_path(directory / file_name) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+            write_pieces(tmp, pieces)
         entries.append(manifest_entry(sub, file_name))
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source, "root": tree.root,
         "weights": "weights.bin", "node_count": len(index),
         "leaves": [s.id for s in tree.leaves()], "nodes": entries,
     }
-    with atomic_path(directory / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    with atomic_path(directory / "manifest.json") as tmp, open(tmp, "w") as fh:
+        json.dump(manifest, fh, indent=1)  # streamed: the text of every node name is never all in memory
     return manifest
 
 
