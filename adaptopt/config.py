@@ -73,7 +73,7 @@ class PolicyConfig:
     optimistic_init: float = 0.1
     seed: int = 0
     qtable: str | None = None
-    prior: bool = True  # start from the built-in prior table when no qtable file exists (CPU targets)
+    prior: bool = False  # start from the built-in prior table when no qtable file exists (CPU targets)
     cache_dir: str | None = None
 
 

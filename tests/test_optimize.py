@@ -243,10 +243,14 @@ def test_a_pass_that_breaks_numerics_is_reverted_penalised_and_never_written(tmp
     path = tmp_path / "m.onnx"
     save_model(resnet_model, path)
     q = tmp_path / "q.json"
-    # a cold table: every untried pass reads the same optimistic value and the first listed
-    # (the breaking one) goes first; the built-in prior would rank known-good passes ahead of it
-    cold = fast_config.with_section("policy", prior=False)
-    result = api.optimize(path, cold, qtable=str(q))
+    # a cold table (the default) and no random actions: every untried pass reads the same
+    # optimistic value, so the first listed (the breaking one) is tried first, whatever the
+    # timings (with epsilon > 0 a lucky random pass could outrank it before it is tried); no
+    # granularity rounds: leaves re-searched after a subdivide/merge skip it (the table has
+    # learnt it fails), so their decision logs would not show it
+    greedy = fast_config.with_section("policy", epsilon_start=0.0, epsilon_end=0.0)
+    greedy = greedy.with_section("granularity", max_rounds=0)
+    result = api.optimize(path, greedy, qtable=str(q))
     decisions = [d for leaf in result.report["leaves"] for d in leaf["decisions"] if d.get("action") == "break_numerics"]
     assert decisions and all(not d["valid"] and d["reward"] < 0 for d in decisions)  # detected + penalised
     assert all("break_numerics" not in leaf["sequence"] for leaf in result.report["leaves"])  # reverted
@@ -314,8 +318,10 @@ def test_policy_train_writes_a_table_that_optimize_starts_from(resnet_model, fas
     assert "measurements" in result.output and str(path) in result.output
     run = api.optimize(path, fast_config, qtable=str(table_path), seed=0)
     assert run.report["settings"]["policy_start"] == f"file {table_path}"
-    # without a file the CPU run starts from the built-in prior
-    assert api.optimize(path, fast_config, seed=0).report["settings"]["policy_start"].startswith("built-in prior")
+    # without a file: a cold start by default, the built-in prior when asked for
+    assert "cold" in api.optimize(path, fast_config, seed=0).report["settings"]["policy_start"]
+    with_prior = fast_config.with_section("policy", prior=True)
+    assert api.optimize(path, with_prior, seed=0).report["settings"]["policy_start"].startswith("built-in prior")
     bad = CliRunner().invoke(cli, ["policy", "train", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.json")])
     assert bad.exit_code == 2 and not (tmp_path / "x.json").exists()
 

@@ -38,15 +38,15 @@ def backoff_keys(state: str) -> tuple[str, ...]:
     """Coarser views of a state key ``size|bound|family|performance|last``, most specific first.
 
     An unvisited (state, action) pair reads the mean value the action has in visited
-    states that look alike: same bound, op family and last pass; then same family and
-    last pass. This is how one leaf's measurements inform the next
+    states that look alike: same size bucket, bound, op family and last pass; then the
+    same without the size; then same family and last pass. This is how one leaf's measurements inform the next
     leaf of the same kind, and how a table learnt on one model starts the next.
     """
     parts = state.split("|")
     if len(parts) != 5:
         return ()
-    _size, bound, family, _performance, last = parts
-    return (f"b:{bound}|{family}|{last}", f"f:{family}|{last}")
+    size, bound, family, _performance, last = parts
+    return (f"s:{size}|{bound}|{family}|{last}", f"b:{bound}|{family}|{last}", f"f:{family}|{last}")
 
 
 @dataclass
