@@ -5,7 +5,8 @@ generated models measured on a CPU target. It only orders exploration: every
 value it holds is a starting estimate that the run's own measurements overwrite,
 and a pass it rates badly is still tried when nothing similar was seen. It is used
 for CPU targets only (GPU timings rank passes differently), never written to, and
-switched off with ``policy: {prior: false}``.
+opt-in (``policy: {prior: true}``): in the learning bench it saved measurements but
+did not reliably find the cold start's gains.
 """
 
 from __future__ import annotations
