@@ -334,3 +334,25 @@ def test_a_lossy_result_reports_its_measured_difference(resnet_model, fast_confi
                           allow_slower=True)
     assert result.improved
     assert 0 < result.accuracy["max_abs_diff"] and 0.99 <= result.accuracy["min_cosine"] < 1.0
+
+
+def test_sequences_reaching_the_same_graph_are_measured_once(resnet_model, fast_config):
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.environment import model_digest
+    from adaptopt.adapt.loop import prepare_run
+    from adaptopt.graph.index import GraphIndex
+    from adaptopt.graph.partition import partition
+    model = api.pinned_copy(resnet_model, fast_config, "resnet")
+    feeds = make_inputs(model, fast_config)
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, fast_config, 0.0, cache=MeasurementCache(None, "test"))
+    env = ctx.env_for(partition(index, 0, 3).leaves()[0])  # the whole model as one leaf
+    # a pass applied a second time finds nothing left to do: the same graph as after the first
+    orders = [(), ("fuse_conv_bn",), ("fuse_conv_bn", "fuse_conv_bn"), ("eliminate_identity",),
+              ("eliminate_identity", "eliminate_identity")]
+    outcomes = [env.evaluate(seq) for seq in orders]
+    digests = [model_digest(env.step(seq).model) for seq in orders]
+    assert digests[1] == digests[2] and digests[1] != digests[0]
+    assert env.measurements == len(set(digests)) < len(orders)
+    assert outcomes[2] is outcomes[1]  # not re-timed
+    ctx.measurer.close()

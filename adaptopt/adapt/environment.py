@@ -81,6 +81,8 @@ class SubgraphEnv:
     _features: dict[tuple[str, ...], Features] = field(default_factory=dict)
     _validations: dict[tuple[str, ...], Validation] = field(default_factory=dict)
     _actions: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    _graph_of: dict[tuple[str, ...], str] = field(default_factory=dict)  # sequence -> graph key
+    _first_of_graph: dict[str, tuple[str, ...]] = field(default_factory=dict)  # graph key -> sequence measured
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
     pass_errors: list[str] = field(default_factory=list)
 
@@ -94,8 +96,10 @@ class SubgraphEnv:
     # ------------------------------------------------------------ Environment API
     @property
     def measurements(self) -> int:
-        """Distinct sequences this search asked for (what it paid, cache hits included)."""
-        return len(self._outcomes)
+        """Distinct rewritten graphs this search asked for (what it paid, cache hits included):
+        sequences that reach a graph already measured (a pass with nothing left to do, passes whose
+        rewrites come out byte-identical in either order) are free."""
+        return len(self._first_of_graph)
 
     def category(self, action: str) -> str:
         return self._by_name[action].category
@@ -120,6 +124,14 @@ class SubgraphEnv:
     def evaluate(self, sequence: tuple[str, ...]) -> Outcome:
         if sequence in self._outcomes:
             return self._outcomes[sequence]
+        graph = self._graph_key(sequence)
+        same = self._first_of_graph.setdefault(graph, sequence)
+        self._graph_of[sequence] = graph
+        if same != sequence:  # the same graph as a sequence already measured: same outcome
+            self._outcomes[sequence] = self._outcomes[same]
+            if same in self._features:
+                self._features[sequence] = self._features[same]
+            return self._outcomes[sequence]
         key = self.cache.key(self.content_hash, sequence)
         entry = self.cache.get(key)
         if entry is not None:
@@ -132,6 +144,14 @@ class SubgraphEnv:
         return outcome
 
     # ------------------------------------------------------------ internals
+    def _graph_key(self, sequence: tuple[str, ...]) -> str:
+        """Digest of the graph ``sequence`` produces (a failed rewrite is its own key), and
+        whether a lossy pass is in it (the same graph is validated against another budget)."""
+        step = self.step(sequence)
+        if step.model is None:
+            return f"failed:{'/'.join(sequence)}"
+        return f"{model_digest(step.model)}:{'lossy' if step.lossy else 'exact'}"
+
     def step(self, sequence: tuple[str, ...]) -> Step:
         """The model after ``sequence``; model None when a pass failed.
 
