@@ -86,6 +86,7 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
         return PrePass(model, False, applied, errors, reason=f"changes the outputs: {validation.reason}")
     side = cached_side_by_side(cache, config.target, skeleton, signed, feeds)
     if not side.significant():
-        return PrePass(model, False, applied, errors, side, f"not faster ({side.speedup:.3f}x)")
+        return PrePass(model, False, applied, errors, side,
+                       f"not faster beyond the A/A noise (speedup {side.speedup:.3f}x, noise {side.noise:.3f})")
     return PrePass(pinned_copy(signed, config, "pre-pass"), True, applied, errors, side,
                    f"verified speedup {side.speedup:.3f}x")
