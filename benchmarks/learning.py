@@ -70,37 +70,37 @@ def _top_leaves(ctx, tree, k: int):
     return [leaf for leaf in tree.leaves() if leaf.id in {e.leaf_id for e in ranked[:k]}]
 
 
-def _retime(ctx, leaves, picks: dict[str, list]) -> dict[str, dict[tuple, float]]:
-    """Median time of every picked sequence per leaf, all picks of a leaf interleaved round by round."""
-    times: dict[str, dict[tuple, list[float]]] = {}
-    envs = {leaf.id: ctx.env_for(leaf) for leaf in leaves}
+def _retime(ctx, leaves, runs) -> list[dict[tuple, float]]:
+    """Per leaf, the median time of every sequence picked in ``runs`` (lists of results in
+    ``leaves`` order) and of the original, all of a leaf's picks interleaved round by round."""
+    envs = [ctx.env_for(leaf) for leaf in leaves]
+    picks = [sorted({results[i].sequence for results in runs} | {()}) for i in range(len(leaves))]
+    times: list[dict[tuple, list[float]]] = [{seq: [] for seq in seqs} for seqs in picks]
     for _ in range(RETIME_ROUNDS):
-        for leaf_id, sequences in picks.items():
-            env = envs[leaf_id]
-            for seq in sorted(set(sequences) | {()}):
-                model = env.step(seq).model
-                times.setdefault(leaf_id, {}).setdefault(seq, []).append(
-                    ctx.measurer.time(model, env.feeds).median_ms)
-    return {leaf: {seq: statistics.median(v) for seq, v in by_seq.items()} for leaf, by_seq in times.items()}
+        for env, seqs, by_seq in zip(envs, picks, times):
+            for seq in seqs:
+                by_seq[seq].append(ctx.measurer.time(env.step(seq).model, env.feeds).median_ms)
+    return [{seq: statistics.median(v) for seq, v in by_seq.items()} for by_seq in times]
 
 
-def _score(results, retimed: dict | None = None) -> dict:
+def _score(results, leaves, retimed: list | None = None) -> dict:
     """Speedup over the leaves (re-timed when ``retimed`` is given) and measurements paid."""
     if retimed is None:
         base = sum(r.baseline.time_ms for r in results)
         best = sum(r.outcome.time_ms for r in results)
     else:
-        base = sum(retimed[r.leaf_id][()] for r in results)
-        best = sum(retimed[r.leaf_id][r.sequence] for r in results)
+        base = sum(t[()] for t in retimed)
+        best = sum(t[r.sequence] for t, r in zip(retimed, results))
     return {"speedup": round(base / best, 4), "measurements": sum(r.measurements for r in results),
-            "sequences": {r.leaf_id: list(r.sequence) for r in results}}
+            "sequences": {leaf.id: list(r.sequence) for leaf, r in zip(leaves, results)}}
 
 
-def _searches(config, ctx, leaves, table=None) -> dict[str, list]:
+def _searches(config, ctx, leaves) -> dict[str, list]:
+    """Every strategy's result per leaf (lists in ``leaves`` order)."""
     fresh = lambda: [ctx.env_for(leaf) for leaf in leaves]  # noqa: E731 - new counters, shared pool
     settings = q_settings(config)
     runs = {"oracle": [oracle(env, ORACLE_DEPTH) for env in fresh()]}
-    runs["q-learning"] = q_learning(fresh(), QTable() if table is None else table, settings, seed=0)
+    runs["q-learning"] = q_learning(fresh(), QTable(), settings, seed=0)
     prior = prior_path("cpu")
     if prior is not None:  # the built-in prior was trained on generated models, none of these
         runs["q-learning (prior)"] = q_learning(fresh(), QTable.load(prior), settings, seed=0)
@@ -110,9 +110,6 @@ def _searches(config, ctx, leaves, table=None) -> dict[str, list]:
     bounds = [env.features(()).bound for env in fresh()]
     runs["heuristic"] = [heuristic(env, bound, settings.max_sequence) for env, bound in zip(fresh(), bounds)]
     runs["greedy"] = [greedy_search(env, settings.max_sequence) for env in fresh()]
-    for name, results in runs.items():
-        for leaf, r in zip(leaves, results):
-            r.leaf_id = leaf.id
     return runs
 
 
@@ -121,12 +118,8 @@ def _compare(case, args) -> dict:
     leaves = _top_leaves(ctx, tree, LEAVES_PER_MODEL)
     started = time.perf_counter()
     runs = _searches(config, ctx, leaves)
-    picks: dict[str, list] = {}
-    for results in runs.values():
-        for r in results:
-            picks.setdefault(r.leaf_id, []).append(r.sequence)
-    retimed = _retime(ctx, leaves, picks)
-    rows = {name: dict(_score(results, retimed), search_speedup=_score(results)["speedup"])
+    retimed = _retime(ctx, leaves, list(runs.values()))
+    rows = {name: dict(_score(results, leaves, retimed), search_speedup=_score(results, leaves)["speedup"])
             for name, results in runs.items()}
     oracle_row = rows["oracle"]
     for row in rows.values():
@@ -147,15 +140,9 @@ def _transfer(first: dict, second: dict) -> dict:
     settings = q_settings(config_b)
     warm = q_learning([ctx_b.env_for(leaf) for leaf in leaves_b], table, settings, seed=0)
     cold = q_learning([ctx_b.env_for(leaf) for leaf in leaves_b], QTable(), settings, seed=0)
-    for results in (warm, cold):
-        for leaf, r in zip(leaves_b, results):
-            r.leaf_id = leaf.id
-    picks: dict[str, list] = {}
-    for r in warm + cold:
-        picks.setdefault(r.leaf_id, []).append(r.sequence)
-    retimed = _retime(ctx_b, leaves_b, picks)
+    retimed = _retime(ctx_b, leaves_b, [warm, cold])
     return {"from": first["model"], "to": second["model"], "epochs": settings.epochs,
-            "warm": _score(warm, retimed), "cold": _score(cold, retimed)}
+            "warm": _score(warm, leaves_b, retimed), "cold": _score(cold, leaves_b, retimed)}
 
 
 def run(args) -> dict:

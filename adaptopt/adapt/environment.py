@@ -81,7 +81,6 @@ class SubgraphEnv:
     _features: dict[tuple[str, ...], Features] = field(default_factory=dict)
     _validations: dict[tuple[str, ...], Validation] = field(default_factory=dict)
     _actions: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
-    _graph_of: dict[tuple[str, ...], str] = field(default_factory=dict)  # sequence -> graph key
     _first_of_graph: dict[str, tuple[str, ...]] = field(default_factory=dict)  # graph key -> sequence measured
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
     pass_errors: list[str] = field(default_factory=list)
@@ -126,7 +125,6 @@ class SubgraphEnv:
             return self._outcomes[sequence]
         graph = self._graph_key(sequence)
         same = self._first_of_graph.setdefault(graph, sequence)
-        self._graph_of[sequence] = graph
         if same != sequence:  # the same graph as a sequence already measured: same outcome
             self._outcomes[sequence] = self._outcomes[same]
             if same in self._features:
