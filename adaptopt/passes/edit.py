@@ -332,6 +332,19 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return count
 
 
+def rewrite_until_stable(ed: "GraphEditor", rule) -> int:
+    """Apply ``rule(node) -> bool`` (True: it rewrote) to every live node, sweep after sweep,
+    until a sweep rewrites nothing; return the number of rewrites."""
+    count, changed = 0, True
+    while changed:
+        changed = False
+        for node in list(ed.nodes):
+            if ed.alive(node) and rule(node):
+                count += 1
+                changed = True
+    return count
+
+
 class RulePass(Pass):
     """A pass written as rewrite rules over a :class:`GraphEditor`.
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from adaptopt.passes.base import MS_DOMAIN, PassContext
-from adaptopt.passes.edit import GraphEditor, RulePass, attr, set_attr
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, rewrite_until_stable, set_attr
 
 
 def _default(node: onnx.NodeProto) -> bool:
@@ -182,14 +182,7 @@ class FuseConvAffinePass(RulePass):
     no_match: ClassVar[str] = "no per-channel constant Mul/Add next to a Conv"
 
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
-        count, changed = 0, True
-        while changed:
-            changed = False
-            for node in list(ed.nodes):
-                if ed.alive(node) and (self._fold_after(ed, node) or self._fold_before(ed, node)):
-                    count += 1
-                    changed = True
-        return count
+        return rewrite_until_stable(ed, lambda node: self._fold_after(ed, node) or self._fold_before(ed, node))
 
     @staticmethod
     def _fold_after(ed: GraphEditor, conv: onnx.NodeProto) -> bool:

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto as T
 
 from adaptopt.passes.base import MS_DOMAIN, PassContext
-from adaptopt.passes.edit import GraphEditor, RulePass, attr, set_attr
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, rewrite_until_stable, set_attr
 
 _LOSSLESS = {
     T.FLOAT16: {T.FLOAT, T.DOUBLE}, T.BFLOAT16: {T.FLOAT, T.DOUBLE}, T.FLOAT: {T.DOUBLE},
@@ -118,15 +118,8 @@ class CancelTransposesPass(RulePass):
     no_match: ClassVar[str] = "no Transpose pair that can meet through elementwise ops"
 
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
-        count, changed = 0, True
-        while changed:
-            changed = False
-            for node in list(ed.nodes):
-                if (ed.alive(node) and node.op_type == "Transpose" and _default(node)
-                        and (self._sink_to_transpose(ed, node) or self._hoist_binary(ed, node))):
-                    count += 1
-                    changed = True
-        return count
+        return rewrite_until_stable(ed, lambda node: node.op_type == "Transpose" and _default(node) and (
+            self._sink_to_transpose(ed, node) or self._hoist_binary(ed, node)))
 
     @staticmethod
     def _const_operand(ed: GraphEditor, node: onnx.NodeProto, data: str) -> list[int] | None:
