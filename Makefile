@@ -29,7 +29,7 @@ $(EXAMPLES) &: $(STAMP) adaptopt/examples.py models/make_models.py
 
 models: $(EXAMPLES)
 
-# Retrain the built-in policy prior (adaptopt/policy/prior_cpu.json, committed) on generated models: ~5 min.
+# Retrain the built-in policy prior (adaptopt/policy/prior_cpu.json, committed) on generated models: about a minute.
 prior: $(STAMP)
 	$(BIN)/python models/make_prior.py
 
