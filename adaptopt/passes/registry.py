@@ -14,6 +14,7 @@ from adaptopt.passes.base import Pass, PassContext, PassContractError, PassResul
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[Pass, ...]:
     from adaptopt.passes import (
+        attention,
         buffers,
         cleanup,
         fusion,
@@ -36,6 +37,7 @@ def _library() -> tuple[Pass, ...]:
         # the "/ 6" a hard-swish match needs), then the folds into Conv / Gemm
         patterns.FuseHardSwishPass(), patterns.FuseSiluPass(), patterns.FuseGeluPass(),
         patterns.FuseLayerNormPass(), transformer.FuseTransformerPass(),
+        attention.FuseScaledDotProductAttentionPass(),
         fusion.FusePadConvPass(), fusion.FuseConvBnPass(), fusion.FuseConvAffinePass(), fusion.FuseActivationPass(),
         fusion.FuseMatMulAddPass(),
         # loop unrolling

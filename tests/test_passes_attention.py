@@ -1,0 +1,178 @@
+"""fuse_sdpa: decomposed scaled-dot-product attention -> com.microsoft.MultiHeadAttention.
+
+Each model is built pinned (as adaptopt runs passes), rewritten, then given symbolic
+dims back and run at other batch/sequence sizes: the rewrite must not bake the traced
+shapes in, and must keep the NaN guard's rule (fully masked rows give 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from adaptopt.validate import compare
+from tests.test_passes_support import assert_noop, assert_rewrites, const, make_model, outputs, rng_array, tensor
+
+HIDDEN, HEADS = 8, 2
+HEAD = HIDDEN // HEADS
+MASKS = {  # how the additive bias is made, and its shape given (batch, heads, seq)
+    "bool": lambda b, h, s: [b, 1, s, s],
+    "padding": lambda b, h, s: [b, 1, 1, s],
+    "causal": lambda b, h, s: [s, s],
+    "per_head": lambda b, h, s: [b, h, s, s],
+}
+
+
+def _split(nodes, src, out, heads, perm):
+    nodes += [helper.make_node("Reshape", [src, f"split{heads}"], [f"{out}_s"]),
+              helper.make_node("Transpose", [f"{out}_s"], [out], perm=perm)]
+
+
+def attention_model(batch=2, seq=5, *, mask="bool", guard=True, gqa=False, probs_out=False) -> onnx.ModelProto:
+    """One attention layer as exporters write it. ``gqa``: one K/V head repeated for both
+    query heads, a non-scalar multiply on Q (as rotary embeddings do), the scores divided
+    by sqrt(d) instead of Q and K each scaled by d**-0.25."""
+    kv_heads = 1 if gqa else HEADS
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"])]
+    inits = [const("wq", rng_array([HIDDEN, HIDDEN], 1, 0.5)), const("wk", rng_array([HIDDEN, kv_heads * HEAD], 2, 0.5)),
+             const("wv", rng_array([HIDDEN, kv_heads * HEAD], 3, 0.5)), const("root", np.float32(HEAD ** -0.25)),
+             const("sqrt_d", np.float32(HEAD ** 0.5)), const("zero", np.float32(0)), const("minus_inf", np.float32(-np.inf)),
+             const("merge", np.array([0, 0, -1], np.int64))]
+    inits += [const(f"split{h}", np.array([0, 0, h, HEAD], np.int64)) for h in {HEADS, kv_heads}]
+    _split(nodes, "q", "q4", HEADS, [0, 2, 1, 3])
+    if gqa:
+        inits += [const("rot", rng_array([HEAD], 4)), const("ax2", np.array([2], np.int64)),
+                  const("rep", np.array([0, HEADS, -1, HEAD], np.int64))]
+        nodes.append(helper.make_node("Mul", ["q4", "rot"], ["qa"]))
+        for name in ("k", "v"):
+            _split(nodes, name, f"{name}1", kv_heads, [0, 2, 1, 3])
+            nodes += [helper.make_node("Unsqueeze", [f"{name}1", "ax2"], [f"{name}u"]),
+                      helper.make_node("Concat", [f"{name}u"] * HEADS, [f"{name}c"], axis=2),
+                      helper.make_node("Reshape", [f"{name}c", "rep"], [f"{name}4"])]
+        nodes += [helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", ["qa", "kt"], ["raw"]), helper.make_node("Div", ["raw", "sqrt_d"], ["sc"])]
+    else:
+        _split(nodes, "k", "kt0", HEADS, [0, 2, 3, 1])
+        _split(nodes, "v", "v4", HEADS, [0, 2, 1, 3])
+        nodes += [helper.make_node("Mul", ["q4", "root"], ["qa"]), helper.make_node("Mul", ["kt0", "root"], ["kt"]),
+                  helper.make_node("MatMul", ["qa", "kt"], ["sc"])]
+    inputs = [tensor("x", [batch, seq, HIDDEN])]
+    if mask is not None:
+        shape = MASKS[mask](batch, HEADS, seq)
+        if mask in ("bool", "per_head"):
+            inputs.append(tensor("mask", shape, TensorProto.BOOL))
+            nodes.append(helper.make_node("Where", ["mask", "zero", "minus_inf"], ["bias"]))
+        else:
+            inputs.append(tensor("bias", shape))
+        nodes.append(helper.make_node("Add", ["sc", "bias"], ["sb"]))
+    nodes.append(helper.make_node("Softmax", ["sb" if mask else "sc"], ["p"], axis=-1))
+    probs = "p"
+    if guard:
+        nodes += [helper.make_node("IsNaN", ["p"], ["nan"]), helper.make_node("Where", ["nan", "zero", "p"], ["pg"])]
+        probs = "pg"
+    nodes += [helper.make_node("MatMul", [probs, "v4"], ["o"]),
+              helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "merge"], ["y"])]
+    outs = [tensor("y", [batch, seq, HIDDEN])] + ([tensor("p", [batch, HEADS, seq, seq])] if probs_out else [])
+    return make_model(nodes, inputs, outs, inits)
+
+
+def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random activations; masks with some keys masked, and the last batch item fully masked
+    (every query row of it has only -inf scores)."""
+    rng = np.random.default_rng(seed)
+    feeds = {"x": rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32)}
+    names = {i.name: i for i in model.graph.input}
+    if "mask" in names:
+        heads = names["mask"].type.tensor_type.shape.dim[1].dim_value  # 1 or HEADS, never symbolic
+        mask = rng.random((batch, heads, seq, seq)) > 0.3
+        mask[..., 0] = True
+        mask[-1] = False
+        feeds["mask"] = mask
+    if "bias" in names:
+        rank = len(names["bias"].type.tensor_type.shape.dim)
+        if rank == 2:  # causal: no fully masked row
+            feeds["bias"] = np.triu(np.full((seq, seq), -np.inf, np.float32), 1)
+        else:
+            keep = rng.random((batch, 1, 1, seq)) > 0.3
+            keep[..., 0] = True
+            keep[-1] = False
+            feeds["bias"] = np.where(keep, 0.0, -np.inf).astype(np.float32)
+    return feeds
+
+
+def dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with batch/sequence dims symbolic again and no traced value infos."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in list(out.graph.input) + list(out.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        rank = len(dims)
+        names = {2: ["S", "S"], 3: ["B", "S", None], 4: ["B", None, "S", "S"]}[rank]
+        if vi.name == "bias" and rank == 4:
+            names = ["B", None, None, "S"]
+        for dim, name in zip(dims, names):
+            if name:
+                dim.dim_param = name
+    del out.graph.value_info[:]
+    return out
+
+
+def assert_same_everywhere(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    for batch, seq in ((2, 5), (3, 9), (1, 1), (4, 16)):
+        feeds = attention_feeds(before, batch, seq, seed=batch * seq)
+        ref, got = outputs(dynamic(before), feeds), outputs(dynamic(after), feeds)
+        verdict = compare(ref, got, exact_tolerance=1e-5)
+        assert verdict.ok, (batch, seq, verdict.reason)
+        assert all(np.isfinite(v).all() for v in got.values())
+
+
+@pytest.mark.parametrize("mask", ["bool", "padding"])
+def test_sdpa_with_mask_and_nan_guard_becomes_multihead_attention(mask):
+    model = attention_model(mask=mask)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5),
+                             {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1, "IsNaN": -1, "MatMul": -2})
+    mha = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert {a.name: helper.get_attribute_value(a) for a in mha.attribute} == pytest.approx(
+        {"num_heads": HEADS, "scale": HEAD ** -0.5})
+    assert list(mha.input[:3]) == ["q", "k", "v"]  # the projections themselves: no transposes left
+    assert not any(n.op_type == "Transpose" for n in result.model.graph.node)
+    assert_same_everywhere(model, result.model)
+
+
+def test_grouped_query_attention_with_4d_key_value_and_causal_bias():
+    model = attention_model(mask="causal", guard=False, gqa=True)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5),
+                             {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1, "Div": -1})
+    assert_same_everywhere(model, result.model)
+
+
+def test_sdpa_without_mask():
+    model = attention_model(mask=None, guard=False)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5), {"com.microsoft.MultiHeadAttention": 1})
+    assert_same_everywhere(model, result.model)
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"probs_out": True}, "the probabilities are a graph output"),
+    ({"mask": "per_head"}, "a per-head mask under the NaN guard"),
+])
+def test_sdpa_is_left_alone(kwargs, why):
+    assert_noop("fuse_sdpa", attention_model(**kwargs)), why
+
+
+def test_sdpa_is_a_noop_on_conv_nets(resnet_model):
+    assert "no decomposed" in assert_noop("fuse_sdpa", resnet_model)
+
+
+def test_sdpa_matches_on_symbolic_dims():
+    """The pre-pass runs on the user's own signature: batch and sequence stay names, and
+    the heads come out of ONNX Runtime's symbolic shape inference."""
+    model = attention_model(mask="bool")
+    symbolic = dynamic(model)
+    result = assert_rewrites("fuse_sdpa", symbolic, attention_feeds(model, 3, 7),
+                             {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
+    assert_same_everywhere(model, result.model)
