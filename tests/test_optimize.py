@@ -356,3 +356,27 @@ def test_sequences_reaching_the_same_graph_are_measured_once(resnet_model, fast_
     assert env.measurements == len(set(digests)) < len(orders)
     assert outcomes[2] is outcomes[1]  # not re-timed
     ctx.measurer.close()
+
+
+def test_pre_pass_drops_a_refused_step_and_runs_the_next_passes_without_it():
+    """The pre-pass judges every step against the model before it (in a run: checked and
+    timed); a refused step is recorded and the following passes run on the model before it."""
+    from onnx import TensorProto, helper
+    from adaptopt.adapt.prepass import apply_exact_passes
+    from adaptopt.passes.registry import all_passes
+    nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Sigmoid", ["i"], ["s"]),
+             helper.make_node("Mul", ["i", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def identities(m):
+        return sum(n.op_type == "Identity" for n in m.graph.node)
+
+    def judge(before, after):
+        return "slower (test)" if identities(after) < identities(before) else ""
+
+    result, applied, errors, dropped = apply_exact_passes(model, all_passes(), Config(), {}, judge)
+    assert [d["pass"] for d in dropped] == ["eliminate_identity"] and dropped[0]["why"] == "slower (test)"
+    assert "fuse_silu" in applied and "eliminate_identity" not in applied and not errors
+    assert identities(result) == 1 and any(n.op_type == "QuickGelu" for n in result.graph.node)

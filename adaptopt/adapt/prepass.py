@@ -12,7 +12,7 @@ and local rewrites add to — never compete with — our own static baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -31,10 +31,11 @@ class PrePass:
     errors: list[str] = field(default_factory=list)
     side: SideBySide | None = None
     reason: str = ""
+    dropped: list[dict] = field(default_factory=list)  # {"pass", "why"}: applied, then taken back
 
     def to_dict(self) -> dict:
-        return {"kept": self.kept, "applied": self.applied, "errors": self.errors, "reason": self.reason,
-                "side_by_side": self.side.to_dict() if self.side else None}
+        return {"kept": self.kept, "applied": self.applied, "dropped": self.dropped, "errors": self.errors,
+                "reason": self.reason, "side_by_side": self.side.to_dict() if self.side else None}
 
 
 def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
@@ -50,43 +51,79 @@ def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mo
     return out
 
 
-def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config,
-                       feeds: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """Each pass in order on the whole model; a pass that fails is skipped and named."""
+def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
+                       judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None
+                       ) -> tuple[onnx.ModelProto, list[str], list[str], list[dict]]:
+    """Each pass in order on the whole model; a pass that fails is skipped and named.
+
+    ``judge(before, after)`` may refuse a step (it returns why); the next pass then
+    runs on the model before it. Returns (model, applied, errors, dropped)."""
     from adaptopt.passes.base import PassContext, apply_guarded
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=0.0, seed=config.policy.seed)
-    applied, errors = [], []
+    applied, errors, dropped = [], [], []
     for p in passes:
         if p.guarantee != "exact" or p.scope == "model":
             continue
         result, error = apply_guarded(p, model, ctx)
         if result is None:
             errors.append(error)
-        elif result.modified:
-            model = result.model
-            applied.append(p.name)
-    return model, applied, errors
+            continue
+        if not result.modified:
+            continue
+        why = judge(model, result.model) if judge else ""
+        if why:
+            dropped.append({"pass": p.name, "why": why})
+            continue
+        model = result.model
+        applied.append(p.name)
+    return model, applied, errors, dropped
 
 
 def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, config: Config,
             feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache) -> PrePass:
     """``model`` is the pinned work model; the passes run on ``skeleton`` (the user's own
     signature, dynamic dims kept), so nothing they fold can bake in the profiled sizes.
-    The kept result is returned pinned again, for the per-leaf search."""
+
+    Each pass that changes the model is checked (outputs, also at other sizes) and timed
+    against the model before it: one that is slower beyond the A/A noise is dropped and
+    the next pass runs without it (ORT's BERT fusions, for one, slow some encoders down
+    and would cancel the gain of the passes after them). The result is kept only when
+    it is faster than the original side by side, and returned pinned again, for the
+    per-leaf search."""
     from adaptopt.api import pinned_copy
     from adaptopt.graph.io import infer_shapes
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(skeleton)
-    candidate, applied, errors = apply_exact_passes(infer_shapes(dynamic, "pre-pass"), passes, config, feeds)
+
+    def judge(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+        return _step_verdict(skeleton, with_signature(before, skeleton), with_signature(after, skeleton),
+                             config, feeds, reference, cache)
+
+    current, applied, errors, dropped = apply_exact_passes(infer_shapes(dynamic, "pre-pass"), passes, config, feeds,
+                                                           judge)
+    pre = PrePass(model, False, applied, errors, dropped=dropped)
     if not applied:
-        return PrePass(model, False, applied, errors, reason="no exact pass applies to the whole model")
-    signed = with_signature(candidate, skeleton)
-    validation = check_everywhere(skeleton, signed, feeds, reference, config, 0.0)
+        pre.reason = "no exact pass applies to the whole model" if not dropped else \
+            f"every exact pass that applied was dropped ({', '.join(d['pass'] for d in dropped)})"
+        return pre
+    signed = with_signature(current, skeleton)
+    pre.side = cached_side_by_side(cache, config.target, skeleton, signed, feeds)
+    if not pre.side.significant():
+        pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.speedup:.3f}x, noise {pre.side.noise:.3f})"
+        return pre
+    pre.model, pre.kept = pinned_copy(signed, config, "pre-pass"), True
+    pre.reason = f"verified speedup {pre.side.speedup:.3f}x"
+    return pre
+
+
+def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onnx.ModelProto, config: Config,
+                  feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache) -> str:
+    """Why one pass's step must be dropped ("" to keep it): changed outputs, or slower
+    than the model before it beyond the A/A noise."""
+    validation = check_everywhere(skeleton, after, feeds, reference, config, 0.0)
     if not validation.ok:
-        return PrePass(model, False, applied, errors, reason=f"changes the outputs: {validation.reason}")
-    side = cached_side_by_side(cache, config.target, skeleton, signed, feeds)
-    if not side.significant():
-        return PrePass(model, False, applied, errors, side,
-                       f"not faster beyond the A/A noise (speedup {side.speedup:.3f}x, noise {side.noise:.3f})")
-    return PrePass(pinned_copy(signed, config, "pre-pass"), True, applied, errors, side,
-                   f"verified speedup {side.speedup:.3f}x")
+        return f"changes the outputs: {validation.reason}"
+    side = cached_side_by_side(cache, config.target, before, after, feeds)
+    if side.slower():
+        return f"slower ({side.speedup:.3f}x, A/A noise {side.noise:.3f})"
+    return ""

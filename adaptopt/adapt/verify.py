@@ -41,6 +41,14 @@ class SideBySide:
         """The candidate is faster by more than the noise band (and at least ``floor``)."""
         return math.log(self.speedup) > max(2.0 * self.noise, floor)
 
+    def inconclusive(self, floor: float = 0.01) -> bool:
+        """Faster by more than ``floor``, but not beyond the noise band."""
+        return floor < math.log(self.speedup) <= 2.0 * self.noise
+
+    def slower(self, floor: float = 0.01) -> bool:
+        """The candidate is slower by more than the noise band (and at least ``floor``)."""
+        return -math.log(self.speedup) > max(2.0 * self.noise, floor)
+
     def to_dict(self) -> dict:
         return {"original_ms": round(self.original_ms, 5), "optimized_ms": round(self.candidate_ms, 5),
                 "aa_ms": round(self.aa_ms, 5), "speedup": round(self.speedup, 4),

@@ -29,7 +29,7 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
     pass_ctx = PassContext(target=ctx.config.target, feeds=ctx.feeds, accuracy_budget=budget,
                            seed=ctx.config.policy.seed)
     # exact cleanups first, as quantizers want them (an unfused BatchNorm blocks QDQ fusion)
-    cleaned, _, _ = apply_exact_passes(base.model, ctx.passes, ctx.config, ctx.feeds)
+    cleaned, _, _, _ = apply_exact_passes(base.model, ctx.passes, ctx.config, ctx.feeds)
     best, changed = assembly.model, False
     for p in [p for p in ctx.passes if p.guarantee == "lossy"]:
         if ctx.expired():
