@@ -112,6 +112,7 @@ class QuantizeDynamicPass(Pass):
         original.CopyFrom(model)
         constants_to_initializers(model)  # the quantizer only sees weights stored as initializers
         _gemm_to_matmul(model)
+        model = type_contrib_outputs(model)
         with tempfile.TemporaryDirectory(prefix="adaptopt-q-") as tmp, ort_tool():
             out = Path(tmp) / "quantized.onnx"
             quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
@@ -219,6 +220,27 @@ def _unfuse_conv_activation(model: onnx.ModelProto) -> int:
     if count:
         ed.commit()
     return count
+
+
+def type_contrib_outputs(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
+    """``model`` shape-inferred, with the element type of each ``com.microsoft`` node's
+    first output that ONNX inference cannot type taken from its first input (true of the
+    fused ops passes emit: MultiHeadAttention, Gelu, QuickGelu, FusedConv, ...). The
+    quantizers need every MatMul input typed; without this a fused attention leaves the
+    rest of the graph untyped and ``quantize_dynamic`` stops ("Unable to find data type")."""
+    for _ in range(rounds):
+        model = onnx.shape_inference.infer_shapes(model)
+        types = {vi.name: vi.type.tensor_type.elem_type
+                 for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+        types.update((t.name, t.data_type) for t in model.graph.initializer)
+        added = [onnx.helper.make_tensor_value_info(n.output[0], types[n.input[0]], None) for n in model.graph.node
+                 if n.domain == MS_DOMAIN and n.input and n.output and n.input[0] in types
+                 and n.output[0] and n.output[0] not in types]
+        if not added:
+            break
+        model.graph.value_info.extend(added)
+    return model
 
 
 def _typed(model: onnx.ModelProto, ranges: dict) -> onnx.ModelProto:
