@@ -259,6 +259,61 @@ def test_a_pass_that_breaks_numerics_is_reverted_penalised_and_never_written(tmp
     _check_promise(resnet_model, result, fast_config)  # never reaches the output
 
 
+class _BakeShapesPass:
+    """Claims to be exact but writes every Reshape's profiled output shape as its target:
+    right at the profiled sizes, wrong at any other (what folding a Shape does on a leaf)."""
+
+    name, category, guarantee, scope = "bake_shapes", "compute", "exact", "subgraph"
+    description = "test-only: a rewrite that specialises to the profiled sizes"
+
+    def applies(self, model, ctx):
+        from adaptopt.passes.base import Applicability
+        return Applicability(bool(self._targets(model)), "")
+
+    @staticmethod
+    def _targets(model):
+        if any(d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim):
+            return {}  # only pinned graphs (leaves) have profiled sizes to bake in
+        from adaptopt.passes.edit import GraphEditor
+        ed = GraphEditor(model, "bake_shapes")
+        return {n.output[0]: ed.shape(n.output[0]) for n in ed.nodes
+                if n.op_type == "Reshape" and ed.shape(n.output[0]) is not None}
+
+    def apply(self, model, ctx):
+        import numpy as np
+        from onnx import numpy_helper
+        from adaptopt.passes.base import PassResult
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        targets = self._targets(out)
+        for k, node in enumerate(n for n in out.graph.node if n.output[0] in targets):
+            node.input[1] = f"baked_shape_{k}"
+            out.graph.initializer.append(numpy_helper.from_array(np.array(targets[node.output[0]], np.int64),
+                                                                 node.input[1]))
+        return PassResult(out, True, {"rewrites": len(targets)})
+
+
+def test_a_leaf_rewrite_that_bakes_in_the_profiled_sizes_is_invalid_in_the_search(tmp_path, bert_model, fast_config,
+                                                                                  monkeypatch):
+    """Leaves are pinned; a rewrite that only holds at the profiled sizes is caught when it is
+    measured (the leaf's boundary captured at other sizes), not just by the final check."""
+    from adaptopt.passes import registry
+    library = registry.all_passes()
+    monkeypatch.setattr(registry, "all_passes", lambda: [_BakeShapesPass()] + library)
+    path = tmp_path / "bert.onnx"
+    save_model(bert_model, path)
+    config = fast_config.replace(inputs=dict(BERT_INPUTS)).with_section("policy", epsilon_start=0.0, epsilon_end=0.0)
+    result = api.optimize(path, config.with_section("granularity", max_rounds=0))
+    decisions = [d for leaf in result.report["leaves"] for d in leaf["decisions"] if d.get("action") == "bake_shapes"]
+    assert decisions and all(not d["valid"] for d in decisions), result.report["leaves"]
+    assert all("other sizes" in d["reason"] for d in decisions), decisions
+    assert all("bake_shapes" not in leaf["sequence"] for leaf in result.report["leaves"])
+    other = Config(inputs={k: InputSpec(shape=(2, 16), dtype=v.dtype, values=v.values, value_range=v.value_range)
+                           for k, v in BERT_INPUTS.items()})
+    feeds = make_inputs(bert_model, other)
+    assert compare(run_model(bert_model, feeds), run_model(result.model, feeds), 1e-4).ok
+
+
 def _tiny_ops_then_conv() -> onnx.ModelProto:
     """A long chain of tiny elementwise ops (overhead-bound leaves), then a Conv block."""
     from onnx import TensorProto, helper, numpy_helper

@@ -76,6 +76,11 @@ class SubgraphEnv:
     accuracy: AccuracyConfig
     classify: Classifier
     op_times_ms: dict[str, float] | None = None
+    # the boundary at other sizes of the model's dynamic dims (None: the model has none).
+    # A leaf is pinned to the profiled sizes, so a pass can bake them in (fold a Shape,
+    # write a Reshape target); such a rewrite is invalid here, not only at the final check.
+    other_feeds: Mapping[str, np.ndarray] | None = None
+    other_reference: Mapping[str, np.ndarray] | None = None
     _steps: dict[tuple[str, ...], Step] = field(default_factory=dict)
     _outcomes: dict[tuple[str, ...], Outcome] = field(default_factory=dict)
     _features: dict[tuple[str, ...], Features] = field(default_factory=dict)
@@ -83,6 +88,7 @@ class SubgraphEnv:
     _actions: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     _first_of_graph: dict[str, tuple[str, ...]] = field(default_factory=dict)  # graph key -> sequence measured
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
+    _other_sizes_usable: bool | None = None
     pass_errors: list[str] = field(default_factory=list)
 
     max_cached_models: int = 8  # rewritten models kept in memory (each holds the leaf's weights)
@@ -130,7 +136,8 @@ class SubgraphEnv:
             if same in self._features:
                 self._features[sequence] = self._features[same]
             return self._outcomes[sequence]
-        key = self.cache.key(self.content_hash, sequence)
+        key = self.cache.key(self.content_hash, sequence,
+                             kind="subgraph" if self.other_feeds is None else "subgraph+other-sizes")
         entry = self.cache.get(key)
         if entry is not None:
             outcome = Outcome(entry["time_ms"], entry["valid"], entry.get("bytes", 0.0), entry.get("reason", ""))
@@ -203,6 +210,9 @@ class SubgraphEnv:
         self._validations[sequence] = validation
         if not validation.ok:
             return Outcome(math.inf, False, 0.0, validation.reason)
+        why = self._fails_at_other_sizes(step.model, budget) if sequence else ""
+        if why:
+            return Outcome(math.inf, False, 0.0, why)
         try:
             timing = self.measurer.time(step.model, self.feeds)
         except WorkerFailure as failure:
@@ -213,6 +223,29 @@ class SubgraphEnv:
         if not sequence:
             self.noise = max(self.noise, timing.spread_ms / max(timing.median_ms, 1e-9))
         return Outcome(timing.median_ms, True, features.bytes)
+
+    def _fails_at_other_sizes(self, model: onnx.ModelProto, budget: float) -> str:
+        """Why ``model`` does not match the original at the other sizes ("" when it does,
+        or when there is nothing to check: no dynamic dims, or the original leaf itself
+        cannot run with its varying dims open, which is checked once)."""
+        if self.other_feeds is None:
+            return ""
+        if self._other_sizes_usable is None:
+            self._other_sizes_usable = not self._run_at_other_sizes(self.model, 0.0)
+        return self._run_at_other_sizes(model, budget) if self._other_sizes_usable else ""
+
+    def _run_at_other_sizes(self, model: onnx.ModelProto, budget: float) -> str:
+        from adaptopt.isolation import WorkerFailure
+        from adaptopt.runtime import ort_error_line, ort_errors
+        relaxed = open_varying_dims(model, [(self.feeds, self.other_feeds), (self.reference, self.other_reference)])
+        try:
+            outputs = self.measurer.run(relaxed, self.other_feeds)
+        except ort_errors() as exc:
+            return f"fails at other sizes of the dynamic dims: onnxruntime: {ort_error_line(exc)}"
+        except WorkerFailure as failure:
+            return f"fails at other sizes of the dynamic dims: {failure}"
+        check = compare(self.other_reference, outputs, self.accuracy.exact_tolerance, budget)
+        return "" if check.ok else f"fails at other sizes of the dynamic dims: {check.reason}"
 
     def features(self, sequence: tuple[str, ...]) -> Features:
         if sequence not in self._features:
@@ -229,3 +262,21 @@ class SubgraphEnv:
 
     def is_lossy(self, sequence: tuple[str, ...]) -> bool:
         return self.step(sequence).lossy
+
+
+def open_varying_dims(model: onnx.ModelProto, pairs) -> onnx.ModelProto:
+    """A copy of ``model`` whose boundary dims that differ between the two value sets of
+    ``pairs`` ((profiled, other) for the inputs, then for the outputs) are symbolic, and
+    with no inner value infos (they hold the profiled sizes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for infos in (out.graph.input, out.graph.output):
+        for vi in infos:
+            pair = next(((a[vi.name], b[vi.name]) for a, b in pairs if vi.name in a and vi.name in b), None)
+            if pair is None or not vi.type.HasField("tensor_type"):
+                continue
+            for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+                if i < pair[0].ndim and i < pair[1].ndim and pair[0].shape[i] != pair[1].shape[i]:
+                    dim.dim_param = f"{vi.name}_dim{i}"
+    del out.graph.value_info[:]
+    return out

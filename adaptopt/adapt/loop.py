@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnx
 
-from adaptopt.adapt.assemble import Base, assemble, finalize, with_model_passes
+from adaptopt.adapt.assemble import Base, assemble, finalize, other_shape_feeds, with_model_passes
 from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
@@ -102,6 +102,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("calibrate")
     index = GraphIndex.build(pre.model)
     ctx, machine = prepare_run(pre.model, index, feeds, config, budget, deadline, cache=cache)
+    ctx.use_other_sizes(with_signature(pre.model, skeleton), other_shape_feeds(skeleton, feeds))
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     leaves = tree.leaves()

@@ -124,6 +124,11 @@ class RunContext:
     progress: Callable[[str, int, int], None] | None = None
     deadline: Deadline = field(default_factory=lambda: Deadline(None))
     node_times_ms: dict[str, float] = field(default_factory=dict)
+    # the work model with the user's dynamic dims and feeds at other sizes of them: leaf
+    # rewrites are also checked there (None: the model has no dynamic dims)
+    other_model: onnx.ModelProto | None = None
+    other_inputs: dict[str, np.ndarray] | None = None
+    other_values: dict[str, np.ndarray] | None = None
 
     def expired(self) -> bool:
         return self.deadline.expired()
@@ -133,6 +138,26 @@ class RunContext:
         missing = [n for n in dict.fromkeys(names) if n not in self.values and n not in self.index.initializers]
         if missing:
             self.values.update(capture(self.index.model, self.feeds, missing, self.config.target))
+
+    def use_other_sizes(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None) -> None:
+        """Check leaf rewrites at ``feeds`` too (other sizes of the dynamic dims) on ``model``,
+        the work model with the user's signature; nothing to do when ``feeds`` is None."""
+        if feeds is not None:
+            self.other_model, self.other_inputs, self.other_values = model, dict(feeds), dict(feeds)
+
+    def _other_boundary(self, sub: Subgraph) -> tuple[dict, dict] | tuple[None, None]:
+        if self.other_model is None:
+            return None, None
+        names = list(sub.boundary_inputs) + list(sub.boundary_outputs)
+        missing = [n for n in dict.fromkeys(names) if n not in self.other_values and n not in self.index.initializers]
+        if missing:
+            try:
+                self.other_values.update(capture(self.other_model, self.other_inputs, missing, self.config.target))
+            except InputError:  # the model itself does not run at the other sizes: nothing to keep working there
+                self.other_model = self.other_values = None
+                return None, None
+        return ({n: self.other_values[n] for n in sub.boundary_inputs},
+                {n: self.other_values[n] for n in sub.boundary_outputs})
 
     def env_for(self, sub: Subgraph) -> SubgraphEnv:
         from adaptopt.passes.base import PassContext
@@ -148,10 +173,11 @@ class RunContext:
             if name in self.node_times_ms:
                 op_type = self.index.nodes[sub.start + offset].op_type
                 op_times[op_type] = op_times.get(op_type, 0.0) + self.node_times_ms[name]
+        other_feeds, other_reference = self._other_boundary(sub)
         return SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
                            self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
                                                                       self.accuracy_budget),
-                           self.classify, op_times or None)
+                           self.classify, op_times or None, other_feeds, other_reference)
 
 
 MATERIALIZE_LIMIT = 1 << 30  # a leaf whose on-disk weights are smaller is given real tensors
