@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from adaptopt.validate import compare
@@ -30,38 +32,39 @@ def _split(nodes, src, out, heads, perm):
               helper.make_node("Transpose", [f"{out}_s"], [out], perm=perm)]
 
 
-def attention_model(batch=2, seq=5, *, mask="bool", guard=True, gqa=False, probs_out=False) -> onnx.ModelProto:
-    """One attention layer as exporters write it. ``gqa``: one K/V head repeated for both
-    query heads, a non-scalar multiply on Q (as rotary embeddings do), the scores divided
+def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guard=True, gqa=False,
+                    probs_out=False) -> onnx.ModelProto:
+    """One attention layer as exporters write it. ``gqa``: one K/V head repeated for every
+    query head, a non-scalar multiply on Q (as rotary embeddings do), the scores divided
     by sqrt(d) instead of Q and K each scaled by d**-0.25."""
-    kv_heads = 1 if gqa else HEADS
+    hidden, kv_heads = heads * head, 1 if gqa else heads
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
              helper.make_node("MatMul", ["x", "wv"], ["v"])]
-    inits = [const("wq", rng_array([HIDDEN, HIDDEN], 1, 0.5)), const("wk", rng_array([HIDDEN, kv_heads * HEAD], 2, 0.5)),
-             const("wv", rng_array([HIDDEN, kv_heads * HEAD], 3, 0.5)), const("root", np.float32(HEAD ** -0.25)),
-             const("sqrt_d", np.float32(HEAD ** 0.5)), const("zero", np.float32(0)), const("minus_inf", np.float32(-np.inf)),
+    inits = [const("wq", rng_array([hidden, hidden], 1, 0.5)), const("wk", rng_array([hidden, kv_heads * head], 2, 0.5)),
+             const("wv", rng_array([hidden, kv_heads * head], 3, 0.5)), const("root", np.float32(head ** -0.25)),
+             const("sqrt_d", np.float32(head ** 0.5)), const("zero", np.float32(0)), const("minus_inf", np.float32(-np.inf)),
              const("merge", np.array([0, 0, -1], np.int64))]
-    inits += [const(f"split{h}", np.array([0, 0, h, HEAD], np.int64)) for h in {HEADS, kv_heads}]
-    _split(nodes, "q", "q4", HEADS, [0, 2, 1, 3])
+    inits += [const(f"split{h}", np.array([0, 0, h, head], np.int64)) for h in {heads, kv_heads}]
+    _split(nodes, "q", "q4", heads, [0, 2, 1, 3])
     if gqa:
-        inits += [const("rot", rng_array([HEAD], 4)), const("ax2", np.array([2], np.int64)),
-                  const("rep", np.array([0, HEADS, -1, HEAD], np.int64))]
+        inits += [const("rot", rng_array([head], 4)), const("ax2", np.array([2], np.int64)),
+                  const("rep", np.array([0, heads, -1, head], np.int64))]
         nodes.append(helper.make_node("Mul", ["q4", "rot"], ["qa"]))
         for name in ("k", "v"):
             _split(nodes, name, f"{name}1", kv_heads, [0, 2, 1, 3])
             nodes += [helper.make_node("Unsqueeze", [f"{name}1", "ax2"], [f"{name}u"]),
-                      helper.make_node("Concat", [f"{name}u"] * HEADS, [f"{name}c"], axis=2),
+                      helper.make_node("Concat", [f"{name}u"] * heads, [f"{name}c"], axis=2),
                       helper.make_node("Reshape", [f"{name}c", "rep"], [f"{name}4"])]
         nodes += [helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 1, 3, 2]),
                   helper.make_node("MatMul", ["qa", "kt"], ["raw"]), helper.make_node("Div", ["raw", "sqrt_d"], ["sc"])]
     else:
-        _split(nodes, "k", "kt0", HEADS, [0, 2, 3, 1])
-        _split(nodes, "v", "v4", HEADS, [0, 2, 1, 3])
+        _split(nodes, "k", "kt0", heads, [0, 2, 3, 1])
+        _split(nodes, "v", "v4", heads, [0, 2, 1, 3])
         nodes += [helper.make_node("Mul", ["q4", "root"], ["qa"]), helper.make_node("Mul", ["kt0", "root"], ["kt"]),
                   helper.make_node("MatMul", ["qa", "kt"], ["sc"])]
-    inputs = [tensor("x", [batch, seq, HIDDEN])]
+    inputs = [tensor("x", [batch, seq, hidden])]
     if mask is not None:
-        shape = MASKS[mask](batch, HEADS, seq)
+        shape = MASKS[mask](batch, heads, seq)
         if mask in ("bool", "per_head"):
             inputs.append(tensor("mask", shape, TensorProto.BOOL))
             nodes.append(helper.make_node("Where", ["mask", "zero", "minus_inf"], ["bias"]))
@@ -76,21 +79,23 @@ def attention_model(batch=2, seq=5, *, mask="bool", guard=True, gqa=False, probs
     nodes += [helper.make_node("MatMul", [probs, "v4"], ["o"]),
               helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["ot", "merge"], ["y"])]
-    outs = [tensor("y", [batch, seq, HIDDEN])] + ([tensor("p", [batch, HEADS, seq, seq])] if probs_out else [])
+    outs = [tensor("y", [batch, seq, hidden])] + ([tensor("p", [batch, heads, seq, seq])] if probs_out else [])
     return make_model(nodes, inputs, outs, inits)
 
 
-def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random activations; masks with some keys masked, and the last batch item fully masked
-    (every query row of it has only -inf scores)."""
+def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0,
+                    fully_masked: bool = True) -> dict[str, np.ndarray]:
+    """Random activations; masks with some keys masked, and (``fully_masked``) the last batch
+    item fully masked (every query row of it has only -inf scores)."""
     rng = np.random.default_rng(seed)
-    feeds = {"x": rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32)}
     names = {i.name: i for i in model.graph.input}
+    hidden = names["x"].type.tensor_type.shape.dim[2].dim_value
+    feeds = {"x": rng.standard_normal((batch, seq, hidden)).astype(np.float32)}
     if "mask" in names:
-        heads = names["mask"].type.tensor_type.shape.dim[1].dim_value  # 1 or HEADS, never symbolic
+        heads = names["mask"].type.tensor_type.shape.dim[1].dim_value  # 1 or the heads, never symbolic
         mask = rng.random((batch, heads, seq, seq)) > 0.3
         mask[..., 0] = True
-        mask[-1] = False
+        mask[-1] = not fully_masked and mask[-1]
         feeds["mask"] = mask
     if "bias" in names:
         rank = len(names["bias"].type.tensor_type.shape.dim)
@@ -99,7 +104,7 @@ def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0)
         else:
             keep = rng.random((batch, 1, 1, seq)) > 0.3
             keep[..., 0] = True
-            keep[-1] = False
+            keep[-1] = not fully_masked and keep[-1]
             feeds["bias"] = np.where(keep, 0.0, -np.inf).astype(np.float32)
     return feeds
 
@@ -121,9 +126,9 @@ def dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def assert_same_everywhere(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+def assert_same_everywhere(before: onnx.ModelProto, after: onnx.ModelProto, fully_masked: bool = True) -> None:
     for batch, seq in ((2, 5), (3, 9), (1, 1), (4, 16)):
-        feeds = attention_feeds(before, batch, seq, seed=batch * seq)
+        feeds = attention_feeds(before, batch, seq, seed=batch * seq, fully_masked=fully_masked)
         ref, got = outputs(dynamic(before), feeds), outputs(dynamic(after), feeds)
         verdict = compare(ref, got, exact_tolerance=1e-5)
         assert verdict.ok, (batch, seq, verdict.reason)
@@ -176,3 +181,15 @@ def test_sdpa_matches_on_symbolic_dims():
     result = assert_rewrites("fuse_sdpa", symbolic, attention_feeds(model, 3, 7),
                              {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
     assert_same_everywhere(model, result.model)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), seq=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), head=st.sampled_from([2, 4, 8]),
+       mask=st.sampled_from([None, "bool", "padding", "causal"]), guard=st.booleans(), gqa=st.booleans())
+def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, guard, gqa):
+    """Any of these layers is fused into one MultiHeadAttention and computes the same, at its
+    own sizes and at others (a guard without a mask has no -inf to guard against: fused too)."""
+    model = attention_model(batch, seq, heads=heads, head=head, mask=mask, guard=guard, gqa=gqa)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, batch, seq, fully_masked=guard),
+                             {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
+    assert_same_everywhere(model, result.model, fully_masked=guard)

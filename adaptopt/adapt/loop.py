@@ -131,7 +131,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("merge + verify")
     assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say, base)
     if budget > 0:
-        assembly = with_whole_model_lossy(ctx, assembly, skeleton, base or Base(skeleton), reference, budget)
+        assembly = with_whole_model_lossy(ctx, assembly, skeleton, base or Base(skeleton), reference, budget,
+                                          frozenset(d["pass"] for d in pre.dropped))
     assembly = with_model_passes(ctx, assembly, skeleton)
     clock.stage("counters")
     counters, unmeasured = leaf_counters(ctx, plans, assembly.accepted)

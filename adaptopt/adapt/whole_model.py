@@ -20,8 +20,10 @@ from adaptopt.adapt.prepass import apply_exact_passes
 
 
 def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base,
-                           reference: Mapping[str, np.ndarray], budget: float) -> Assembly:
-    """Try each lossy pass on the whole model; keep one only when it beats ``assembly``."""
+                           reference: Mapping[str, np.ndarray], budget: float,
+                           slower: frozenset[str] = frozenset()) -> Assembly:
+    """Try each lossy pass on the whole model; keep one only when it beats ``assembly``.
+    ``slower``: exact passes the pre-pass measured slower on this model (not reapplied)."""
     from adaptopt.graph.external import on_disk
     from adaptopt.passes.base import PassContext, apply_guarded
     if any(on_disk(t) for t in base.model.graph.initializer):
@@ -29,7 +31,8 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
     pass_ctx = PassContext(target=ctx.config.target, feeds=ctx.feeds, accuracy_budget=budget,
                            seed=ctx.config.policy.seed)
     # exact cleanups first, as quantizers want them (an unfused BatchNorm blocks QDQ fusion)
-    cleaned, _, _, _ = apply_exact_passes(base.model, ctx.passes, ctx.config, ctx.feeds)
+    cleaned, _, _, _ = apply_exact_passes(base.model, [p for p in ctx.passes if p.name not in slower],
+                                          ctx.config, ctx.feeds)
     best, changed = assembly.model, False
     for p in [p for p in ctx.passes if p.guarantee == "lossy"]:
         if ctx.expired():
