@@ -118,6 +118,20 @@ def test_cli_json_report_gate_and_policy(tmp_path, resnet_model):
     md = tmp_path / "r.md"
     result = CliRunner().invoke(cli, ["optimize", str(path), "--config", str(cfg), "-o", str(out), "--report", str(md)])
     assert result.exit_code == 0 and md.read_text().startswith("# adaptopt optimize report")
+    assert "## Whole-model exact passes (pre-pass)" in md.read_text()  # fuse_conv_bn at least ran
+
+
+def test_markdown_report_says_which_pre_pass_steps_were_dropped_and_why():
+    from adaptopt.report.optimize import render_markdown
+    result = {"message": "m", "speedup": 1.1, "latency_ms": {"original": 2.0, "optimized": 1.8}, "aa_noise": 0.01,
+              "accuracy": {"max_abs_diff": 0.0, "min_cosine": 1.0}}
+    prepass = {"kept": True, "reason": "verified speedup 1.098x", "applied": ["fuse_gelu", "fuse_sdpa"],
+               "dropped": [{"pass": "fuse_attention", "why": "slower (0.941x, A/A noise 0.020)"}], "errors": []}
+    text = render_markdown({"model": {"name": "m"}, "result": result, "prepass": prepass})
+    section = text.split("## Whole-model exact passes (pre-pass)")[1]
+    assert "kept: verified speedup 1.098x" in section
+    assert "| fuse_attention | dropped | slower (0.941x, A/A noise 0.020) |" in section
+    assert "| fuse_sdpa      | kept" in section
 
 
 def test_same_seed_and_cache_give_identical_bytes(tmp_path, resnet_model, fast_config):

@@ -133,6 +133,7 @@ def render_markdown(report: dict) -> str:
         m = report["machine"]
         lines += [f"Machine: {m['peak_gflops']} GFLOP/s peak, {m['bandwidth_gbs']} GB/s, session overhead "
                   f"{m['session_overhead_ms']} ms ({m['fingerprint']}).", ""]
+    lines += _prepass_lines(report.get("prepass"))
     if report.get("leaves"):
         rows = [[x["id"], x["nodes"], ", ".join(list(x["op_types"])[:3]), x["bound"], x["performance"],
                  x["baseline_ms"], x["best_ms"], x["speedup"], " → ".join(x["sequence"]) or "—",
@@ -157,3 +158,15 @@ def render_markdown(report: dict) -> str:
         lines += ["## Time per stage (s)", "", tabulate(sorted(report["stages_s"].items()), headers=["stage", "s"],
                                                         tablefmt="github"), ""]
     return "\n".join(lines)
+
+
+def _prepass_lines(pre: dict | None) -> list[str]:
+    """The whole-model exact passes: what ran, what was dropped and why, and the verdict."""
+    if not pre or not (pre.get("applied") or pre.get("dropped") or pre.get("errors")):
+        return []
+    rows = [[name, "kept", ""] for name in pre.get("applied", [])]
+    rows += [[d["pass"], "dropped", d["why"]] for d in pre.get("dropped", [])]
+    rows += [["", "error", e] for e in pre.get("errors", [])]
+    verdict = "kept" if pre.get("kept") else "not kept"
+    return ["## Whole-model exact passes (pre-pass)", "", f"{verdict}: {pre.get('reason', '')}", "",
+            tabulate(rows, headers=["pass", "step", "why"], tablefmt="github"), ""]
