@@ -33,10 +33,11 @@ def _split(nodes, src, out, heads, perm):
 
 
 def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guard=True, gqa=False,
-                    probs_out=False) -> onnx.ModelProto:
+                    probs_out=False, late_scale=False) -> onnx.ModelProto:
     """One attention layer as exporters write it. ``gqa``: one K/V head repeated for every
     query head, a non-scalar multiply on Q (as rotary embeddings do), the scores divided
-    by sqrt(d) instead of Q and K each scaled by d**-0.25."""
+    by sqrt(d) instead of Q and K each scaled by d**-0.25. ``late_scale``: the scores are
+    divided after the mask is added, ``(QK + bias) / sqrt(d)``."""
     hidden, kv_heads = heads * head, 1 if gqa else heads
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
              helper.make_node("MatMul", ["x", "wv"], ["v"])]
@@ -60,8 +61,11 @@ def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guar
     else:
         _split(nodes, "k", "kt0", heads, [0, 2, 3, 1])
         _split(nodes, "v", "v4", heads, [0, 2, 1, 3])
-        nodes += [helper.make_node("Mul", ["q4", "root"], ["qa"]), helper.make_node("Mul", ["kt0", "root"], ["kt"]),
-                  helper.make_node("MatMul", ["qa", "kt"], ["sc"])]
+        if late_scale:
+            nodes.append(helper.make_node("MatMul", ["q4", "kt0"], ["sc"]))
+        else:
+            nodes += [helper.make_node("Mul", ["q4", "root"], ["qa"]), helper.make_node("Mul", ["kt0", "root"], ["kt"]),
+                      helper.make_node("MatMul", ["qa", "kt"], ["sc"])]
     inputs = [tensor("x", [batch, seq, hidden])]
     if mask is not None:
         shape = MASKS[mask](batch, heads, seq)
@@ -71,7 +75,11 @@ def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guar
         else:
             inputs.append(tensor("bias", shape))
         nodes.append(helper.make_node("Add", ["sc", "bias"], ["sb"]))
-    nodes.append(helper.make_node("Softmax", ["sb" if mask else "sc"], ["p"], axis=-1))
+    scores = "sb" if mask else "sc"
+    if late_scale:
+        nodes.append(helper.make_node("Div", [scores, "sqrt_d"], ["scaled"]))
+        scores = "scaled"
+    nodes.append(helper.make_node("Softmax", [scores], ["p"], axis=-1))
     probs = "p"
     if guard:
         nodes += [helper.make_node("IsNaN", ["p"], ["nan"]), helper.make_node("Where", ["nan", "zero", "p"], ["pg"])]
@@ -99,13 +107,14 @@ def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0,
         feeds["mask"] = mask
     if "bias" in names:
         rank = len(names["bias"].type.tensor_type.shape.dim)
+        # finite values where attended (a relative-position / ALiBi-like bias), -inf where masked
         if rank == 2:  # causal: no fully masked row
-            feeds["bias"] = np.triu(np.full((seq, seq), -np.inf, np.float32), 1)
+            keep = np.tril(np.ones((seq, seq), bool))
         else:
             keep = rng.random((batch, 1, 1, seq)) > 0.3
             keep[..., 0] = True
             keep[-1] = not fully_masked and keep[-1]
-            feeds["bias"] = np.where(keep, 0.0, -np.inf).astype(np.float32)
+        feeds["bias"] = np.where(keep, rng.standard_normal(keep.shape), -np.inf).astype(np.float32)
     return feeds
 
 
@@ -183,13 +192,22 @@ def test_sdpa_matches_on_symbolic_dims():
     assert_same_everywhere(model, result.model)
 
 
+def test_scale_after_the_mask_scales_the_bias_too():
+    model = attention_model(mask="padding", late_scale=True)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5),
+                             {"com.microsoft.MultiHeadAttention": 1, "Div": -1})
+    assert_same_everywhere(model, result.model)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 3), seq=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), head=st.sampled_from([2, 4, 8]),
-       mask=st.sampled_from([None, "bool", "padding", "causal"]), guard=st.booleans(), gqa=st.booleans())
-def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, guard, gqa):
+       mask=st.sampled_from([None, "bool", "padding", "causal"]), guard=st.booleans(), gqa=st.booleans(),
+       late_scale=st.booleans())
+def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, guard, gqa, late_scale):
     """Any of these layers is fused into one MultiHeadAttention and computes the same, at its
     own sizes and at others (a guard without a mask has no -inf to guard against: fused too)."""
-    model = attention_model(batch, seq, heads=heads, head=head, mask=mask, guard=guard, gqa=gqa)
+    model = attention_model(batch, seq, heads=heads, head=head, mask=mask, guard=guard, gqa=gqa,
+                            late_scale=late_scale and not gqa)
     result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, batch, seq, fully_masked=guard),
                              {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
     assert_same_everywhere(model, result.model, fully_masked=guard)

@@ -69,6 +69,7 @@ class _Match:
     heads: int
     scale: float
     bias: str | None
+    bias_factor: float  # the bias is scaled too when the scale comes after the Add
     bias_shape: Dims  # left-padded to rank 4
     bias_rank: int
     guard: bool
@@ -233,20 +234,23 @@ def _key_operand(ed: GraphEditor, shape: _Shapes, kt: str, heads: int, head_size
 
 
 def _scores_chain(ed: GraphEditor, softmax: onnx.NodeProto):
-    """Walk up from the Softmax input: (QK MatMul, scale, bias) or None."""
-    name, scale, bias = softmax.input[0], 1.0, None
+    """Walk up from the Softmax input: (QK MatMul, scale, bias, bias factor) or None.
+
+    A factor met before the Add (``(QK + bias) * c``) scales the bias too: it is returned
+    as the bias factor, and must be positive (a masked -inf must stay -inf)."""
+    name, scale, bias, bias_factor = softmax.input[0], 1.0, None, 1.0
     for _ in range(8):
         node = ed.producer(name)
         if node is None or ed.sole_consumer(name) is None:
             return None
         if _default(node, "MatMul"):
-            return node, scale, bias
+            return node, scale, bias, bias_factor
         if _default(node, "Add") and bias is None:
             a, b = node.input[0], node.input[1]
             pick = next(((x, y) for x, y in ((a, b), (b, a)) if _leads_to_matmul(ed, x)), None)
-            if pick is None:
+            if pick is None or scale <= 0:
                 return None
-            name, bias = pick
+            (name, bias), bias_factor = pick, scale
             continue
         step = next(((x, c) for x in node.input if (c := _scalar_factor(ed, node, x)) is not None), None)
         if step is None:
@@ -322,7 +326,7 @@ def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match |
     chain = _scores_chain(ed, softmax)
     if chain is None:
         return None
-    qk, scale, bias = chain
+    qk, scale, bias, bias_factor = chain
     b, h, s, t = scores
     q4, q_scale = _strip_scale(ed, qk.input[0])
     kt, k_scale = _strip_scale(ed, qk.input[1])
@@ -351,7 +355,7 @@ def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match |
     if guard and bias_dims[1] != 1 and h != 1:
         return None  # a per-head mask: the fully-masked-row rule would need a per-head output mask
     return _Match(query=query, key=key, value=value, heads=h, scale=scale * q_scale * k_scale * query.factor * key.factor,
-                  bias=bias, bias_shape=bias_dims or (), bias_rank=bias_rank, guard=guard,
+                  bias=bias, bias_factor=bias_factor, bias_shape=bias_dims or (), bias_rank=bias_rank, guard=guard,
                   out3=_merged_heads(ed, shape, pv.output[0], b, s, h, dv), out4=pv.output[0], head_size_v=dv)
 
 
@@ -381,8 +385,12 @@ def _dim(ed: GraphEditor, tensor: str, axis: int) -> str:
 
 
 def _attention_bias(ed: GraphEditor, m: _Match, query: str, key: str) -> str:
-    """The bias at rank 4, expanded over query/key positions it broadcasts along."""
+    """The bias at rank 4, scaled when the pattern scales it, expanded over the query/key
+    positions it broadcasts along."""
     bias = m.bias
+    if m.bias_factor != 1.0:
+        factor = ed.add_const(np.array(m.bias_factor, np.float32), "bias_scale")
+        bias = ed.add_node("Mul", [bias, factor], base="bias_scaled").output[0]
     pad = 4 - m.bias_rank
     if pad:
         bias = ed.add_node("Unsqueeze", [bias, ed.add_const(np.arange(pad, dtype=np.int64), "axes")],
