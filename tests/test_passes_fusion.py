@@ -165,3 +165,29 @@ def test_pad_conv_folds_into_a_valid_conv():
 ])
 def test_pad_conv_leaves_other_pads_alone(case):
     assert_noop("fuse_pad_conv", prepared(_pad_conv(**case)))
+
+
+def _layer_scale_block(scale_op="Mul", bias=True, scale_shape=(6,), constant_first=False):
+    """ConvNeXt's pointwise layer: MatMul(x, W) + b, times a per-channel layer scale."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+    last = "m"
+    if bias:
+        nodes.append(helper.make_node("Add", ["b", "m"], ["a"]))
+        last = "a"
+    inputs = ["g", last] if constant_first and scale_op == "Mul" else [last, "g"]
+    nodes.append(helper.make_node(scale_op, inputs, ["y"]))
+    inits = [const("w", rng_array([4, 6], 1)), const("b", rng_array([6], 2)),
+             const("g", rng_array(scale_shape, 3, 0.5) + 1.5)]
+    return make_model(nodes, [tensor("x", [2, 3, 4])], [tensor("y", [2, 3, 6])], inits)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale_op": "Div"}, {"bias": False}, {"constant_first": True},
+                                    {"scale_shape": (1, 1, 6)}, {"scale_shape": ()}])
+def test_matmul_scale_folds_the_layer_scale_into_weight_and_bias(kwargs):
+    model = _layer_scale_block(**kwargs)
+    result = assert_rewrites("fuse_matmul_scale", model, random_feeds(model), {kwargs.get("scale_op", "Mul"): -1})
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"][:2 if kwargs.get("bias", True) else 1]
+
+
+def test_matmul_scale_leaves_a_scale_that_varies_along_other_axes():
+    assert_noop("fuse_matmul_scale", _layer_scale_block(scale_shape=(3, 6)))

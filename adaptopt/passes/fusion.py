@@ -10,6 +10,9 @@
   ConvAdd fusions do not match).
 - ``fuse_matmul_add``: ``Add(MatMul(A, W), b)`` with constant ``W`` (2-D) and ``b`` ->
   ``Gemm``; a rank > 2 ``A`` with a static shape goes through ``Reshape``.
+- ``fuse_matmul_scale``: ``Mul(MatMul(A, W) [+ b], c)`` (or ``/ c``) with constant 2-D ``W``
+  and ``c`` constant per output column -> ``MatMul(A, W * c) [+ b * c]``: the layer scale
+  of ConvNeXt / CaiT-style blocks, one elementwise pass over the activations less.
 - ``fuse_pad_conv``: ``Conv(Pad(X, pads))`` with a zero constant pad on the spatial axes
   only -> ``Conv(X)`` with those pads added to its own (TF-style "same" padding that
   exporters write as a separate, asymmetric ``Pad``; ONNX Runtime does not fold it).
@@ -281,6 +284,53 @@ class FuseMatMulAddPass(RulePass):
         if len(a_shape) > 2:
             shape = ed.add_const(np.array(out_shape, np.int64), "gemm_out_shape")
             ed.add_node("Reshape", [out, shape], [add.output[0]], base="gemm_reshape")
+
+
+def _column_vector(value: np.ndarray, columns: int, rank: int | None) -> np.ndarray | None:
+    """``value`` as a vector over the last axis when it broadcasts only along that axis of
+    a rank-``rank`` tensor without growing it (a 1-D or scalar constant needs no rank)."""
+    if value.dtype != np.float32 or (value.ndim > 1 and (rank is None or value.ndim > rank)):
+        return None
+    if any(d != 1 for d in value.shape[:-1]) or value.shape[-1:] not in ((columns,), (1,), ()):
+        return None
+    return np.broadcast_to(value.reshape(-1), (columns,)).astype(np.float64)
+
+
+class FuseMatMulScalePass(RulePass):
+    name = "fuse_matmul_scale"
+    category = "compute"
+    guarantee = "exact"
+    description = "Fold a per-column constant Mul/Div after MatMul (+ bias Add) into the weight and bias (layer scale)"
+    no_match: ClassVar[str] = "no per-column constant Mul/Div after a MatMul with a constant 2-D weight"
+
+    def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
+        return rewrite_until_stable(ed, lambda node: self._fold(ed, node))
+
+    @staticmethod
+    def _fold(ed: GraphEditor, mm: onnx.NodeProto) -> bool:
+        if mm.op_type != "MatMul" or not _default(mm) or ed.is_const(mm.input[0]):
+            return False
+        w = ed.const(mm.input[1])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            return False
+        columns, last = w.shape[1], mm
+        rank = len(ed.shape(mm.output[0]) or ()) or None
+        add = ed.sole_consumer(mm.output[0])
+        split = _split_const(ed, add) if add is not None and add.op_type == "Add" else None
+        bias = _column_vector(split[1], columns, rank) if split is not None and split[0] == mm.output[0] else None
+        if bias is not None:
+            last = add
+        scale = ed.sole_consumer(last.output[0])
+        split = _split_const(ed, scale) if scale is not None and scale.op_type in ("Mul", "Div") else None
+        vec = _column_vector(split[1], columns, rank) if split is not None and split[0] == last.output[0] else None
+        if vec is None:
+            return False
+        ed.private_const(mm, 1, (w.astype(np.float64) * vec[None, :]).astype(np.float32), "scaled_weight")
+        if bias is not None:
+            slot = 0 if ed.is_const(add.input[0]) else 1
+            ed.private_const(add, slot, (bias * vec).astype(np.float32), "scaled_bias")
+        _take_output(ed, last, scale)
+        return True
 
 
 _FUSABLE_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "Clip", "HardSigmoid")

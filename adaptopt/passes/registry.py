@@ -39,7 +39,7 @@ def _library() -> tuple[Pass, ...]:
         patterns.FuseLayerNormPass(), transformer.FuseTransformerPass(),
         attention.FuseScaledDotProductAttentionPass(),
         fusion.FusePadConvPass(), fusion.FuseConvBnPass(), fusion.FuseConvAffinePass(), fusion.FuseActivationPass(),
-        fusion.FuseMatMulAddPass(),
+        fusion.FuseMatMulScalePass(), fusion.FuseMatMulAddPass(),
         # loop unrolling
         loops.UnrollLoopsPass(),
         # quantization
