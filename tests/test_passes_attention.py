@@ -170,12 +170,15 @@ def test_sdpa_without_mask():
     assert_same_everywhere(model, result.model)
 
 
-@pytest.mark.parametrize("kwargs, why", [
-    ({"probs_out": True}, "the probabilities are a graph output"),
-    ({"mask": "per_head"}, "a per-head mask under the NaN guard"),
+@pytest.mark.parametrize("blocked, free", [
+    ({"probs_out": True}, {}),  # the probabilities are a graph output: fusing would compute them twice
+    ({"mask": "per_head"}, {"mask": "per_head", "guard": False}),  # the NaN guard's rule per head: not kept
 ])
-def test_sdpa_is_left_alone(kwargs, why):
-    assert_noop("fuse_sdpa", attention_model(**kwargs)), why
+def test_sdpa_is_left_alone_only_for_what_it_cannot_keep(blocked, free):
+    assert_noop("fuse_sdpa", attention_model(**blocked))
+    model = attention_model(**free)  # the same layer without that one obstacle is fused
+    feeds = attention_feeds(model, 2, 5, fully_masked=free.get("guard", True))
+    assert_rewrites("fuse_sdpa", model, feeds, {"com.microsoft.MultiHeadAttention": 1})
 
 
 def test_sdpa_is_a_noop_on_conv_nets(resnet_model):

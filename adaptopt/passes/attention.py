@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from adaptopt.passes.base import MS_DOMAIN, TWO_GIB, PassContext, default_opset, ort_tool
-from adaptopt.passes.edit import GraphEditor, RulePass, attr
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, is_op, split_const
 from adaptopt.passes.prune import EliminateDeadCodePass
 from adaptopt.passes.transformer import TOOL_ERRORS
 
@@ -39,12 +39,8 @@ FLOAT = onnx.TensorProto.FLOAT
 _PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
-def _default(node: onnx.NodeProto | None, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
 def _perm(node: onnx.NodeProto | None) -> tuple[int, ...] | None:
-    return tuple(attr(node, "perm", ())) if _default(node, "Transpose") else None
+    return tuple(attr(node, "perm", ())) if is_op(node, "Transpose") else None
 
 
 @dataclass(frozen=True)
@@ -96,7 +92,7 @@ class FuseScaledDotProductAttentionPass(RulePass):
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
         if default_opset(ed.model) < 13:
             return 0
-        softmaxes = [n for n in ed.nodes if _default(n, "Softmax")]
+        softmaxes = [n for n in ed.nodes if is_op(n, "Softmax")]
         shape = _Shapes(ed) if softmaxes else None
         count = 0
         for softmax in softmaxes:
@@ -167,18 +163,11 @@ def _dims_of(vi: onnx.ValueInfoProto) -> Dims | None:
 
 # ---------------------------------------------------------------- matching
 def _scalar_factor(ed: GraphEditor, node: onnx.NodeProto | None, x: str) -> float | None:
-    """c when ``node`` computes x * c or x / c for a nonzero float scalar constant c."""
-    if node is None or node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx"):
+    """c when ``node`` computes x * c or x / c (then 1/c) for a nonzero float scalar constant."""
+    split = split_const(ed, node) if is_op(node, ("Mul", "Div")) else None
+    if split is None or split[0] != x or split[1].size != 1 or not float(split[1].reshape(-1)[0]):
         return None
-    if node.op_type == "Mul":
-        other = node.input[1] if node.input[0] == x else node.input[0] if node.input[1] == x else None
-    else:
-        other = node.input[1] if node.input[0] == x else None
-    value = ed.const(other) if other and not ed.is_const(x) else None
-    if value is None or value.size != 1 or value.dtype.kind != "f" or float(value.reshape(-1)[0]) == 0.0:
-        return None
-    c = float(value.reshape(-1)[0])
-    return c if node.op_type == "Mul" else 1.0 / c
+    return float(split[1].reshape(-1)[0])
 
 
 def _strip_scale(ed: GraphEditor, name: str) -> tuple[str, float]:
@@ -196,7 +185,7 @@ def _strip_scale(ed: GraphEditor, name: str) -> tuple[str, float]:
 def _split_source(ed: GraphEditor, shape: _Shapes, split: str, heads: int, head_size: int) -> _Operand | None:
     """The [B,S,H*D] tensor that [B,S,H,D] ``split`` is a Reshape of."""
     node = ed.producer(split)
-    if not _default(node, "Reshape"):
+    if not is_op(node, "Reshape"):
         return None
     source, factor = _strip_scale(ed, node.input[0])
     dims = shape(source)
@@ -243,9 +232,9 @@ def _scores_chain(ed: GraphEditor, softmax: onnx.NodeProto):
         node = ed.producer(name)
         if node is None or ed.sole_consumer(name) is None:
             return None
-        if _default(node, "MatMul"):
+        if is_op(node, "MatMul"):
             return node, scale, bias, bias_factor
-        if _default(node, "Add") and bias is None:
+        if is_op(node, "Add") and bias is None:
             a, b = node.input[0], node.input[1]
             pick = next(((x, y) for x, y in ((a, b), (b, a)) if _leads_to_matmul(ed, x)), None)
             if pick is None or scale <= 0:
@@ -261,7 +250,7 @@ def _scores_chain(ed: GraphEditor, softmax: onnx.NodeProto):
 
 def _leads_to_matmul(ed: GraphEditor, name: str) -> bool:
     base, _ = _strip_scale(ed, name)
-    return _default(ed.producer(base), "MatMul")
+    return is_op(ed.producer(base), "MatMul")
 
 
 def _guarded(ed: GraphEditor, probs: str) -> tuple[str, bool] | None:
@@ -271,8 +260,8 @@ def _guarded(ed: GraphEditor, probs: str) -> tuple[str, bool] | None:
         return None
     if len(users) == 1:
         return probs, False
-    isnan = next((u for u in users if _default(u, "IsNaN")), None)
-    where = next((u for u in users if _default(u, "Where")), None)
+    isnan = next((u for u in users if is_op(u, "IsNaN")), None)
+    where = next((u for u in users if is_op(u, "Where")), None)
     if len(users) != 2 or isnan is None or where is None or ed.sole_consumer(isnan.output[0]) is not where:
         return None
     zero = ed.const(where.input[1])
@@ -296,19 +285,19 @@ def _data_reader(ed: GraphEditor, name: str) -> onnx.NodeProto | None:
     compute the merge-heads target shape from the tensor; that becomes dead with the merge)."""
     if ed.is_output(name):
         return None
-    readers = [n for n in ed.consumers(name) if not _default(n, "Shape")]
+    readers = [n for n in ed.consumers(name) if not is_op(n, "Shape")]
     return readers[0] if len(readers) == 1 else None
 
 
 def _merged_heads(ed: GraphEditor, shape: _Shapes, out4: str, b: int, s: int, h: int, dv: int) -> str | None:
     """The [B,S,H*Dv] tensor when ``out4`` only feeds [no-op Reshape] -> Transpose 0213 -> Reshape."""
     node = _data_reader(ed, out4)
-    if _default(node, "Reshape") and shape(node.output[0]) == (b, h, s, dv):
+    if is_op(node, "Reshape") and shape(node.output[0]) == (b, h, s, dv):
         node = _data_reader(ed, node.output[0])
     if _perm(node) != (0, 2, 1, 3):
         return None
     node = ed.sole_consumer(node.output[0])
-    if not _default(node, "Reshape") or shape(node.output[0]) != (b, s, h * dv):
+    if not is_op(node, "Reshape") or shape(node.output[0]) != (b, s, h * dv):
         return None
     return node.output[0]
 
@@ -321,7 +310,7 @@ def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match |
         return None
     guarded = _guarded(ed, softmax.output[0])
     pv = ed.sole_consumer(guarded[0]) if guarded else None
-    if not _default(pv, "MatMul") or pv.input[0] != guarded[0]:
+    if not is_op(pv, "MatMul") or pv.input[0] != guarded[0]:
         return None
     chain = _scores_chain(ed, softmax)
     if chain is None:

@@ -44,6 +44,30 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def is_op(node: onnx.NodeProto | None, op: str | tuple[str, ...]) -> bool:
+    """``node`` exists and is the default-domain operator ``op`` (or one of them)."""
+    ops = (op,) if isinstance(op, str) else op
+    return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
+
+
+def split_const(ed: "GraphEditor", node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
+    """(data input, constant) of a binary Mul/Add/Sub/Div with one constant operand, the
+    constant as the affine term: ``-c`` for ``x - c``, ``1/c`` for ``x / c`` (so every
+    match is ``x * v`` or ``x + v``); None for ``c - x``, ``c / x`` or a division by zero."""
+    if not is_op(node, ("Mul", "Add", "Sub", "Div")) or len(node.input) != 2:
+        return None
+    a, b = ed.const(node.input[0]), ed.const(node.input[1])
+    if (a is None) == (b is None):
+        return None
+    if a is not None and node.op_type in ("Sub", "Div"):
+        return None  # c - x and c / x are not affine in x
+    value = b if b is not None else a
+    if node.op_type == "Div" and not np.all(value):
+        return None
+    value = -value if node.op_type == "Sub" else (1.0 / value if node.op_type == "Div" else value)
+    return (node.input[0] if b is not None else node.input[1]), value.astype(np.float32)
+
+
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a ``Constant`` node (any of its attribute forms)."""
     for a in node.attribute:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from adaptopt.passes.base import MS_DOMAIN, PassContext
-from adaptopt.passes.edit import GraphEditor, RulePass, attr, rewrite_until_stable, set_attr
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, is_op, rewrite_until_stable, set_attr, split_const
 
 
 def _default(node: onnx.NodeProto) -> bool:
@@ -105,7 +105,7 @@ class FuseConvBnPass(RulePass):
 
 def _zero_spatial_pads(ed: GraphEditor, pad: onnx.NodeProto) -> np.ndarray | None:
     """The Pad's pads (begin..., end...) when it adds only zeros, only on axes >= 2."""
-    if pad.op_type != "Pad" or not _default(pad) or str(attr(pad, "mode", b"constant"), "utf-8") != "constant":
+    if not is_op(pad, "Pad") or str(attr(pad, "mode", b"constant"), "utf-8") != "constant":
         return None
     if len(pad.input) > 3 and pad.input[3]:  # explicit axes (opset 18): keep the simple case only
         return None
@@ -132,7 +132,7 @@ class FusePadConvPass(RulePass):
         for pad in list(ed.nodes):
             pads = _zero_spatial_pads(ed, pad)
             conv = ed.sole_consumer(pad.output[0]) if pads is not None else None
-            if conv is None or conv.op_type != "Conv" or not _default(conv) or conv.input[0] != pad.output[0]:
+            if not is_op(conv, "Conv") or conv.input[0] != pad.output[0]:
                 continue
             auto_pad = str(attr(conv, "auto_pad", b"NOTSET"), "utf-8")
             if auto_pad not in ("NOTSET", "VALID"):  # VALID: no padding of its own (SAME_* depend on size)
@@ -161,22 +161,6 @@ def _per_channel(value: np.ndarray, channels: int, rank: int, axis: int = 1) -> 
     return np.broadcast_to(full.reshape(-1), (channels,)).astype(np.float64)
 
 
-def _split_const(ed: GraphEditor, node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
-    """(data input, constant) of a binary Mul/Add/Sub/Div with one constant operand."""
-    if node.op_type not in ("Mul", "Add", "Sub", "Div") or not _default(node) or len(node.input) != 2:
-        return None
-    a, b = ed.const(node.input[0]), ed.const(node.input[1])
-    if (a is None) == (b is None):
-        return None
-    if a is not None and node.op_type in ("Sub", "Div"):
-        return None  # c - x and c / x are not affine in x
-    value = b if b is not None else a
-    if node.op_type == "Div" and not np.all(value):
-        return None
-    value = -value if node.op_type == "Sub" else (1.0 / value if node.op_type == "Div" else value)
-    return (node.input[0] if b is not None else node.input[1]), value.astype(np.float32)
-
-
 class FuseConvAffinePass(RulePass):
     name = "fuse_conv_affine"
     category = "compute"
@@ -191,7 +175,7 @@ class FuseConvAffinePass(RulePass):
     def _fold_after(ed: GraphEditor, conv: onnx.NodeProto) -> bool:
         params = _conv_params(ed, conv)
         follower = ed.sole_consumer(conv.output[0]) if params and conv.op_type == "Conv" else None
-        split = _split_const(ed, follower) if follower is not None else None
+        split = split_const(ed, follower) if follower is not None else None
         rank = len(ed.shape(conv.output[0]) or ()) or (params[0].ndim if params else 0)
         if split is None or split[0] != conv.output[0]:
             return False
@@ -209,7 +193,7 @@ class FuseConvAffinePass(RulePass):
 
     @staticmethod
     def _fold_before(ed: GraphEditor, node: onnx.NodeProto) -> bool:
-        split = _split_const(ed, node)
+        split = split_const(ed, node)
         conv = ed.sole_consumer(node.output[0]) if split else None
         params = _conv_params(ed, conv) if conv is not None and conv.op_type == "Conv" else None
         if params is None or conv.input[0] != node.output[0] or node.output[0] in conv.input[1:]:
@@ -257,7 +241,7 @@ class FuseMatMulAddPass(RulePass):
                 continue
             w = ed.const(mm.input[1])
             add = ed.sole_consumer(mm.output[0])
-            split = _split_const(ed, add) if add is not None and add.op_type == "Add" else None
+            split = split_const(ed, add) if add is not None and add.op_type == "Add" else None
             a_shape, out_shape = ed.shape(mm.input[0]), ed.shape(add.output[0]) if add is not None else None
             if (w is None or w.ndim != 2 or split is None or split[0] != mm.output[0] or a_shape is None
                     or len(a_shape) < 2 or ed.is_const(mm.input[0]) or w.dtype != split[1].dtype):
@@ -308,7 +292,7 @@ class FuseMatMulScalePass(RulePass):
 
     @staticmethod
     def _fold(ed: GraphEditor, mm: onnx.NodeProto) -> bool:
-        if mm.op_type != "MatMul" or not _default(mm) or ed.is_const(mm.input[0]):
+        if not is_op(mm, "MatMul") or ed.is_const(mm.input[0]):
             return False
         w = ed.const(mm.input[1])
         if w is None or w.dtype != np.float32 or w.ndim != 2:
@@ -316,12 +300,12 @@ class FuseMatMulScalePass(RulePass):
         columns, last = w.shape[1], mm
         rank = len(ed.shape(mm.output[0]) or ()) or None
         add = ed.sole_consumer(mm.output[0])
-        split = _split_const(ed, add) if add is not None and add.op_type == "Add" else None
+        split = split_const(ed, add) if is_op(add, "Add") else None
         bias = _column_vector(split[1], columns, rank) if split is not None and split[0] == mm.output[0] else None
         if bias is not None:
             last = add
         scale = ed.sole_consumer(last.output[0])
-        split = _split_const(ed, scale) if scale is not None and scale.op_type in ("Mul", "Div") else None
+        split = split_const(ed, scale) if is_op(scale, ("Mul", "Div")) else None
         vec = _column_vector(split[1], columns, rank) if split is not None and split[0] == last.output[0] else None
         if vec is None:
             return False

@@ -19,12 +19,7 @@ import numpy as np
 import onnx
 
 from adaptopt.passes.base import MS_DOMAIN, PassContext, default_opset
-from adaptopt.passes.edit import GraphEditor, RulePass, attr
-
-
-def _default(node: onnx.NodeProto | None, op: str | tuple[str, ...]) -> bool:
-    ops = (op,) if isinstance(op, str) else op
-    return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
+from adaptopt.passes.edit import GraphEditor, RulePass, attr, is_op
 
 
 def _scalar(ed: GraphEditor, name: str) -> float | None:
@@ -61,7 +56,7 @@ def _relu6_of_x_plus_3(ed: GraphEditor, clip: onnx.NodeProto) -> str | None:
     else:
         lo, hi = attr(clip, "min", None), attr(clip, "max", None)
     add = ed.producer(clip.input[0])
-    if not (_close(lo, 0.0) and _close(hi, 6.0) and _default(add, "Add")) or not _private(ed, clip.input[0]):
+    if not (_close(lo, 0.0) and _close(hi, 6.0) and is_op(add, "Add")) or not _private(ed, clip.input[0]):
         return None
     for x, c in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
         if _close(_scalar(ed, c), 3.0) and not ed.is_const(x):
@@ -71,9 +66,9 @@ def _relu6_of_x_plus_3(ed: GraphEditor, clip: onnx.NodeProto) -> str | None:
 
 def _div6(ed: GraphEditor, node: onnx.NodeProto | None, name: str) -> bool:
     """Does ``node`` compute ``name / 6`` (or ``name * (1/6)``)?"""
-    if _default(node, "Div") and node.input[0] == name:
+    if is_op(node, "Div") and node.input[0] == name:
         return _close(_scalar(ed, node.input[1]), 6.0)
-    if _default(node, "Mul"):
+    if is_op(node, "Mul"):
         other = _other(ed, node, name)
         return other is not None and _close(_scalar(ed, other), 1.0 / 6.0)
     return False
@@ -92,8 +87,8 @@ class FuseHardSwishPass(RulePass):
         for node in list(ed.nodes):
             if not ed.alive(node):
                 continue
-            match = self._match_clip(ed, node) if _default(node, "Clip") else \
-                self._match_hardsigmoid(ed, node) if native and _default(node, "HardSigmoid") else None
+            match = self._match_clip(ed, node) if is_op(node, "Clip") else \
+                self._match_hardsigmoid(ed, node) if native and is_op(node, "HardSigmoid") else None
             if match is None:
                 continue
             x, out, dead = match
@@ -115,10 +110,10 @@ class FuseHardSwishPass(RulePass):
         user = ed.consumers(clip.output[0])[0]
         if _div6(ed, user, clip.output[0]):  # x * (relu6(x + 3) / 6)
             mul = ed.sole_consumer(user.output[0])
-            if _default(mul, "Mul") and _other(ed, mul, user.output[0]) == x:
+            if is_op(mul, "Mul") and _other(ed, mul, user.output[0]) == x:
                 return x, mul.output[0], [add, clip, user, mul]
             return None
-        if _default(user, "Mul") and _other(ed, user, clip.output[0]) == x and _private(ed, user.output[0]):
+        if is_op(user, "Mul") and _other(ed, user, clip.output[0]) == x and _private(ed, user.output[0]):
             last = ed.consumers(user.output[0])[0]  # (x * relu6(x + 3)) / 6
             if _div6(ed, last, user.output[0]):
                 return x, last.output[0], [add, clip, user, last]
@@ -130,7 +125,7 @@ class FuseHardSwishPass(RulePass):
             return None
         mul = ed.sole_consumer(hs.output[0])
         x = hs.input[0]
-        if _default(mul, "Mul") and _other(ed, mul, hs.output[0]) == x:
+        if is_op(mul, "Mul") and _other(ed, mul, hs.output[0]) == x:
             return x, mul.output[0], [hs, mul]
         return None
 
@@ -145,10 +140,10 @@ class FuseSiluPass(RulePass):
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
         count = 0
         for sig in list(ed.nodes):
-            if not _default(sig, "Sigmoid") or ed.elem_type(sig.input[0]) not in (None, 1):
+            if not is_op(sig, "Sigmoid") or ed.elem_type(sig.input[0]) not in (None, 1):
                 continue
             mul = ed.sole_consumer(sig.output[0])
-            if not _default(mul, "Mul") or _other(ed, mul, sig.output[0]) != sig.input[0]:
+            if not is_op(mul, "Mul") or _other(ed, mul, sig.output[0]) != sig.input[0]:
                 continue
             ed.remove(sig, mul)
             ed.add_node("QuickGelu", [sig.input[0]], [mul.output[0]], domain=MS_DOMAIN, base="silu", alpha=1.0)
@@ -167,7 +162,7 @@ class FuseGeluPass(RulePass):
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
         count = 0
         for erf in list(ed.nodes):
-            if ed.alive(erf) and _default(erf, "Erf"):
+            if ed.alive(erf) and is_op(erf, "Erf"):
                 match = self._match(ed, erf)
                 if match is not None:
                     x, out, dead = match
@@ -180,21 +175,21 @@ class FuseGeluPass(RulePass):
     @staticmethod
     def _match(ed: GraphEditor, erf: onnx.NodeProto):
         scale = ed.producer(erf.input[0])
-        if _default(scale, "Div") and _close(_scalar(ed, scale.input[1]), float(np.sqrt(2.0))):
+        if is_op(scale, "Div") and _close(_scalar(ed, scale.input[1]), float(np.sqrt(2.0))):
             x = scale.input[0]
-        elif _default(scale, "Mul"):
+        elif is_op(scale, "Mul"):
             x = next((i for i in scale.input if _close(_scalar(ed, _other(ed, scale, i) or ""), 1 / np.sqrt(2.0))), None)
         else:
             return None
         add = ed.sole_consumer(erf.output[0])
-        if x is None or not _default(add, "Add") or not _close(_scalar(ed, _other(ed, add, erf.output[0]) or ""), 1.0):
+        if x is None or not is_op(add, "Add") or not _close(_scalar(ed, _other(ed, add, erf.output[0]) or ""), 1.0):
             return None
         if not _private(ed, erf.input[0], erf.output[0]):
             return None
         dead, factors, current = [scale, erf, add], [], add.output[0]
         for _ in range(2):  # the two products with x and 0.5, in either order
             mul = ed.sole_consumer(current)
-            if not _default(mul, "Mul") or _other(ed, mul, current) is None:
+            if not is_op(mul, "Mul") or _other(ed, mul, current) is None:
                 break
             factors.append(_other(ed, mul, current))
             dead.append(mul)
@@ -212,14 +207,14 @@ def _factor_kind(ed: GraphEditor, name: str, x: str) -> str:
     if _close(_scalar(ed, name), 0.5):
         return "half"
     node = ed.producer(name)
-    if _default(node, "Mul") and _private(ed, name) and _close(_scalar(ed, _other(ed, node, x) or ""), 0.5):
+    if is_op(node, "Mul") and _private(ed, name) and _close(_scalar(ed, _other(ed, node, x) or ""), 0.5):
         return "x*half"
     return "other"
 
 
 # ---------------------------------------------------------------- LayerNorm
 def _last_axis_mean(ed: GraphEditor, node: onnx.NodeProto | None, rank: int | None) -> bool:
-    if not _default(node, "ReduceMean") or attr(node, "keepdims", 1) != 1:
+    if not is_op(node, "ReduceMean") or attr(node, "keepdims", 1) != 1:
         return False
     axes = attr(node, "axes", None)
     if axes is None and len(node.input) > 1:
@@ -245,7 +240,7 @@ class FuseLayerNormPass(RulePass):
         if default_opset(ed.model) < 17:
             return 0
         for mean in list(ed.nodes):
-            shape = ed.shape(mean.input[0]) if _default(mean, "ReduceMean") else None
+            shape = ed.shape(mean.input[0]) if is_op(mean, "ReduceMean") else None
             if not ed.alive(mean) or shape is None or not _last_axis_mean(ed, mean, len(shape)):
                 continue
             match = self._match(ed, mean, shape)
@@ -264,25 +259,25 @@ class FuseLayerNormPass(RulePass):
     def _match(ed: GraphEditor, mean: onnx.NodeProto, shape: tuple[int, ...]):
         x, rank = mean.input[0], len(shape)
         sub = ed.sole_consumer(mean.output[0])
-        if not _default(sub, "Sub") or list(sub.input) != [x, mean.output[0]]:
+        if not is_op(sub, "Sub") or list(sub.input) != [x, mean.output[0]]:
             return None
         d = sub.output[0]
         users = ed.consumers(d)
-        square = next((u for u in users if _default(u, "Pow") and u.input[0] == d and _close(_scalar(ed, u.input[1]), 2.0)
-                       or _default(u, "Mul") and list(u.input) == [d, d]), None)
-        div = next((u for u in users if _default(u, "Div") and u.input[0] == d), None)
+        square = next((u for u in users if is_op(u, "Pow") and u.input[0] == d and _close(_scalar(ed, u.input[1]), 2.0)
+                       or is_op(u, "Mul") and list(u.input) == [d, d]), None)
+        div = next((u for u in users if is_op(u, "Div") and u.input[0] == d), None)
         if square is None or div is None or len(users) != 2 or ed.is_output(d):
             return None
         var = ed.sole_consumer(square.output[0])
         add = ed.sole_consumer(var.output[0]) if _last_axis_mean(ed, var, rank) else None
-        eps = _scalar(ed, _other(ed, add, var.output[0]) or "") if _default(add, "Add") else None
+        eps = _scalar(ed, _other(ed, add, var.output[0]) or "") if is_op(add, "Add") else None
         sqrt = ed.sole_consumer(add.output[0]) if eps is not None else None
-        if not _default(sqrt, "Sqrt") or div.input[1] != sqrt.output[0] or not _private(ed, sqrt.output[0]):
+        if not is_op(sqrt, "Sqrt") or div.input[1] != sqrt.output[0] or not _private(ed, sqrt.output[0]):
             return None
         dead, out, gamma, beta = [mean, sub, square, var, add, sqrt, div], div.output[0], None, None
         for op in ("Mul", "Add"):
             nxt = ed.sole_consumer(out)
-            other = _other(ed, nxt, out) if _default(nxt, op) else None
+            other = _other(ed, nxt, out) if is_op(nxt, op) else None
             value = ed.const(other) if other else None
             if value is None or value.shape != shape[-1:] or value.dtype != np.float32:
                 break
