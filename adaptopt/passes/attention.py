@@ -32,7 +32,7 @@ import onnx
 
 from adaptopt.passes.base import MS_DOMAIN, TWO_GIB, PassContext, default_opset, ort_tool
 from adaptopt.passes.edit import GraphEditor, RulePass, attr, is_op, split_const
-from adaptopt.passes.prune import EliminateDeadCodePass
+from adaptopt.passes.prune import remove_dead_nodes
 from adaptopt.passes.transformer import TOOL_ERRORS
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -101,7 +101,7 @@ class FuseScaledDotProductAttentionPass(RulePass):
                 _replace(ed, match)
                 count += 1
         if count:
-            EliminateDeadCodePass._remove_dead_nodes(ed)
+            remove_dead_nodes(ed)
         return count
 
 

@@ -27,6 +27,21 @@ from adaptopt.passes.measure import budget_reason
 OPTIONAL_OUTPUTS = {"Dropout": 1, "BatchNormalization": 1, "MaxPool": 1, "LSTM": 0, "GRU": 0, "RNN": 0}
 
 
+def remove_dead_nodes(ed: GraphEditor) -> int:
+    """One sweep in reverse topological order with use counts (consumers go first)."""
+    uses = Counter()
+    for node in ed.nodes:
+        uses.update(set(node.input) | (set(subgraph_outer_inputs(node)) if has_subgraph(node) else set()))
+    pinned = ed.used_names() - {n for node in ed.nodes for n in node.input}  # outputs, training refs
+    dead = []
+    for node in reversed(ed.nodes):
+        if node.output and not any(o and (uses[o] > 0 or o in pinned) for o in node.output):
+            dead.append(node)
+            uses.subtract(set(node.input) | (set(subgraph_outer_inputs(node)) if has_subgraph(node) else set()))
+    ed.remove(*dead)
+    return len(dead)
+
+
 class EliminateDeadCodePass(RulePass):
     name = "eliminate_dead_code"
     category = "compute"
@@ -35,7 +50,7 @@ class EliminateDeadCodePass(RulePass):
     no_match: ClassVar[str] = "no dead node, output or initializer"
 
     def rewrite(self, ed: GraphEditor, ctx: PassContext) -> int:
-        count = self._remove_dead_nodes(ed)
+        count = remove_dead_nodes(ed)
         used = ed.used_names()
         for node in ed.nodes:
             first = OPTIONAL_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -52,21 +67,6 @@ class EliminateDeadCodePass(RulePass):
         inputs = set(ed.graph_inputs)
         count += sum(1 for name in ed.inits if name not in used and name not in inputs)
         return count
-
-    @staticmethod
-    def _remove_dead_nodes(ed: GraphEditor) -> int:
-        """One sweep in reverse topological order with use counts (consumers go first)."""
-        uses = Counter()
-        for node in ed.nodes:
-            uses.update(set(node.input) | (set(subgraph_outer_inputs(node)) if has_subgraph(node) else set()))
-        pinned = ed.used_names() - {n for node in ed.nodes for n in node.input}  # outputs, training refs
-        dead = []
-        for node in reversed(ed.nodes):
-            if node.output and not any(o and (uses[o] > 0 or o in pinned) for o in node.output):
-                dead.append(node)
-                uses.subtract(set(node.input) | (set(subgraph_outer_inputs(node)) if has_subgraph(node) else set()))
-        ed.remove(*dead)
-        return len(dead)
 
 
 # ---------------------------------------------------------------- channel pruning
