@@ -424,6 +424,7 @@ def test_sequences_reaching_the_same_graph_are_measured_once(resnet_model, fast_
     assert digests[1] == digests[2] and digests[1] != digests[0]
     assert env.measurements == len(set(digests)) < len(orders)
     assert outcomes[2] is outcomes[1]  # not re-timed
+    assert env.validation(orders[2]) is env.validation(orders[1]) is not None  # the report shows its check
     ctx.measurer.close()
 
 

@@ -133,8 +133,9 @@ class SubgraphEnv:
         same = self._first_of_graph.setdefault(graph, sequence)
         if same != sequence:  # the same graph as a sequence already measured: same outcome
             self._outcomes[sequence] = self._outcomes[same]
-            if same in self._features:
-                self._features[sequence] = self._features[same]
+            for known in (self._features, self._validations):
+                if same in known:
+                    known[sequence] = known[same]
             return self._outcomes[sequence]
         key = self.cache.key(self.content_hash, sequence,
                              kind="subgraph" if self.other_feeds is None else "subgraph+other-sizes")
