@@ -154,12 +154,10 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
     work is done at the shapes given by the config's ``inputs``.
     """
     from adaptopt.adapt.loop import OptimizeOptions, optimize_model
-    from adaptopt.errors import ConfigError
     config = config or Config()
-    if accuracy_budget is not None and not 0.0 <= accuracy_budget <= 1.0:
-        raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {accuracy_budget}")
-    skeleton = load_model(source, config.replace(inputs={}), infer=False)
-    model = pinned_copy(skeleton, config, str(source))
+    if accuracy_budget is not None:
+        _check_accuracy_budget(accuracy_budget)
+    skeleton, model = _signature_and_work_model(source, config)
     options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
                               allow_slower, progress, log)
     result = optimize_model(model, skeleton, config, options)
@@ -176,20 +174,28 @@ def train_policy(sources: list[str | Path], output: str | Path, config: Config |
     Every model is loaded and checked before any is measured, so a bad path fails fast.
     """
     from adaptopt.adapt.training import TrainingModel, train
-    from adaptopt.errors import ConfigError
     from adaptopt.policy.qtable import QTable
     config = config or Config()
-    if not 0.0 <= accuracy_budget <= 1.0:
-        raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {accuracy_budget}")
-    models = []
-    for source in sources:
-        skeleton = load_model(source, config.replace(inputs={}), infer=False)
-        models.append(TrainingModel(str(source), pinned_copy(skeleton, config, str(source)), config))
+    _check_accuracy_budget(accuracy_budget)
+    models = [TrainingModel(str(source), _signature_and_work_model(source, config)[1], config) for source in sources]
     table = QTable.load_or_new(output)
     rows = train(models, table, accuracy_budget, config.policy.seed if seed is None else seed,
                  log or (lambda _m: None))
     table.save(output)
     return rows
+
+
+def _check_accuracy_budget(budget: float) -> None:
+    from adaptopt.errors import ConfigError
+    if not 0.0 <= budget <= 1.0:
+        raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {budget}")
+
+
+def _signature_and_work_model(source: str | Path, config: Config) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The model as given (the user's signature, dynamic dims kept) and the work copy with
+    dims pinned from the config."""
+    skeleton = load_model(source, config.replace(inputs={}), infer=False)
+    return skeleton, pinned_copy(skeleton, config, str(source))
 
 
 def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.ModelProto:

@@ -95,6 +95,22 @@ def test_lossy_passes_only_with_budget(tmp_path, bert_model, fast_config):
     assert any(get_pass(p).guarantee == "lossy" for p in result.report["settings"]["passes"])
     _check_promise(bert_model, result, config, budget=0.99)
     assert result.accuracy["min_cosine"] >= 0.99
+    # every lossy pass was also tried on the whole model, each with a verdict or a reason
+    tried = {e["pass"]: e for e in result.report["events"] if e.get("event") == "whole_model"}
+    assert "quantize_dynamic_int8" in tried and all("kept" in e or "error" in e for e in tried.values())
+
+
+@pytest.mark.parametrize("original, candidate, aa, significant, slower, inconclusive", [
+    (10.0, 8.0, 10.1, True, False, False),   # 1.25x, A/A 1%: a gain
+    (10.0, 9.7, 10.3, False, False, True),   # 1.03x inside a 3% A/A band: re-time it
+    (10.0, 9.95, 10.0, False, False, False),  # 1.005x: below the 1% floor, not worth a re-time
+    (10.0, 12.0, 10.1, False, True, False),  # 0.83x: slower
+    (10.0, 10.2, 10.3, False, False, False),  # 0.98x inside the band: neither
+])
+def test_side_by_side_verdicts(original, candidate, aa, significant, slower, inconclusive):
+    from adaptopt.adapt.verify import SideBySide
+    side = SideBySide(original, candidate, aa, 15)
+    assert (side.significant(), side.slower(), side.inconclusive()) == (significant, slower, inconclusive)
 
 
 def test_cli_json_report_gate_and_policy(tmp_path, resnet_model):

@@ -96,13 +96,13 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache)
     say(f"whole-model exact passes: {pre.reason}")
-    base = Base(with_signature(pre.model, skeleton), pre.side, f"whole-model exact passes: {pre.reason}") \
-        if pre.kept else None
+    work = with_signature(pre.model, skeleton)
+    base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None
 
     clock.stage("calibrate")
     index = GraphIndex.build(pre.model)
     ctx, machine = prepare_run(pre.model, index, feeds, config, budget, deadline, cache=cache)
-    ctx.use_other_sizes(with_signature(pre.model, skeleton), other_shape_feeds(skeleton, feeds))
+    ctx.use_other_sizes(work, other_shape_feeds(skeleton, feeds))
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     leaves = tree.leaves()
@@ -131,8 +131,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("merge + verify")
     assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say, base)
     if budget > 0:
-        assembly = with_whole_model_lossy(ctx, assembly, skeleton, base or Base(skeleton), reference, budget,
-                                          frozenset(d["pass"] for d in pre.dropped))
+        assembly = with_whole_model_lossy(ctx, assembly, skeleton, pre.cleaned or skeleton, reference, budget)
     assembly = with_model_passes(ctx, assembly, skeleton)
     clock.stage("counters")
     counters, unmeasured = leaf_counters(ctx, plans, assembly.accepted)

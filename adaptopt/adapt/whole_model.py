@@ -15,24 +15,20 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from adaptopt.adapt.assemble import Assembly, Base, check_everywhere, timed
-from adaptopt.adapt.prepass import apply_exact_passes
+from adaptopt.adapt.assemble import Assembly, check_everywhere, confirmed, timed
 
 
-def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base,
-                           reference: Mapping[str, np.ndarray], budget: float,
-                           slower: frozenset[str] = frozenset()) -> Assembly:
-    """Try each lossy pass on the whole model; keep one only when it beats ``assembly``.
-    ``slower``: exact passes the pre-pass measured slower on this model (not reapplied)."""
+def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, cleaned: onnx.ModelProto,
+                           reference: Mapping[str, np.ndarray], budget: float) -> Assembly:
+    """Try each lossy pass on ``cleaned`` (the pre-pass's exact steps on the whole model,
+    kept or not: quantizers want them, e.g. an unfused BatchNorm blocks QDQ fusion); keep
+    one only when it beats ``assembly``."""
     from adaptopt.graph.external import on_disk
     from adaptopt.passes.base import PassContext, apply_guarded
-    if any(on_disk(t) for t in base.model.graph.initializer):
+    if any(on_disk(t) for t in cleaned.graph.initializer):
         return assembly  # weights kept on disk (huge model): a whole-model rewrite would load them all
     pass_ctx = PassContext(target=ctx.config.target, feeds=ctx.feeds, accuracy_budget=budget,
                            seed=ctx.config.policy.seed)
-    # exact cleanups first, as quantizers want them (an unfused BatchNorm blocks QDQ fusion)
-    cleaned, _, _, _ = apply_exact_passes(base.model, [p for p in ctx.passes if p.name not in slower],
-                                          ctx.config, ctx.feeds)
     best, changed = assembly.model, False
     for p in [p for p in ctx.passes if p.guarantee == "lossy"]:
         if ctx.expired():
@@ -53,13 +49,9 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, b
                                 "min_cosine": round(validation.min_cosine, 6), "kept": side.significant()})
         if side.significant():
             best, best_validation, changed = candidate, validation, True
-    if not changed:
-        return assembly
-    final = timed(ctx, skeleton, best, rounds=20, purpose=":confirm")
-    assembly.events.append({"event": "side_by_side", "attempt": "whole-model lossy", **final.to_dict(),
-                            "kept": final.significant() and final.speedup > (assembly.side.speedup
-                                                                           if assembly.improved else 1.0)})
-    if not assembly.events[-1]["kept"]:
+    beat = assembly.side.speedup if assembly.improved else 1.0
+    final = confirmed(ctx, assembly, skeleton, best, "whole-model lossy", beat) if changed else None
+    if final is None:
         return assembly
     return Assembly(best, True, best_validation, final, {}, assembly.events,
                     f"verified speedup {final.speedup:.3f}x with a whole-model lossy rewrite "
