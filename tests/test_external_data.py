@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from adaptopt import api
 from adaptopt.config import Config, TargetConfig
@@ -338,6 +338,32 @@ def test_pieces_write_the_bytes_serialization_gives():
         del light.graph.value_info[:]
         assert external.light_pieces(model, "stub.bin", value_info=False).to_bytes() == light.SerializeToString()
         assert external.inference_pieces(model).to_bytes() == _reference_probe(model).SerializeToString()
+
+
+def test_light_pieces_keep_the_graph_when_a_function_holds_a_tensor_on_disk():
+    """The light copy then rebuilds the model head (to point the function's tensor at the
+    stub); the main graph's nodes and value infos still come from the model itself."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["h"]), onnx.helper.make_node("Neg", ["h"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        value_info=[onnx.helper.make_tensor_value_info("h", TensorProto.FLOAT, [2])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("local", 1)])
+    value = numpy_helper.from_array(np.ones(2, np.float32), "c")
+    value.ClearField("raw_data")
+    value.data_location = TensorProto.EXTERNAL
+    value.external_data.add(key="location", value="weights.bin")
+    value.external_data.add(key="length", value="8")
+    model.functions.append(onnx.helper.make_function(
+        "local", "Shift", ["a"], ["b"], [onnx.helper.make_node("Constant", [], ["k"], value=value),
+                                         onnx.helper.make_node("Add", ["a", "k"], ["b"])],
+        [onnx.helper.make_opsetid("", 17)]))
+    light = onnx.load_from_string(external.light_pieces(model, "stub.bin").to_bytes())
+    assert light.graph == model.graph  # nodes and value infos kept (they were dropped)
+    stub = {e.key: e.value for e in light.functions[0].node[0].attribute[0].t.external_data}
+    assert stub["location"] == "stub.bin"
+    io.check_model(model)  # which reads the light copy: the valid model passes
 
 
 def _reference_infer(model: onnx.ModelProto) -> onnx.ModelProto:

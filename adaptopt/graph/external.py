@@ -353,9 +353,10 @@ def light_pieces(model: onnx.ModelProto, stub_location: str, *, value_info: bool
             copy.CopyFrom(node)
             _stub_external(node_tensors(copy), stub_location)
             patched[position] = copy
-    nodes = [patched.get(i, n) for i, n in enumerate(model.graph.node)] if patched else None
+    nodes = [patched.get(i, n) for i, n in enumerate(model.graph.node)] if patched else model.graph.node
     inits = [stub_tensor(t, stub_location).SerializeToString() if is_heavy(t) else t for t in model.graph.initializer]
-    return ModelPieces(head, node=nodes, initializer=inits, value_info=None if value_info else ())
+    # ``model``'s own lists, not ``head``'s: a head built for patched functions has none
+    return ModelPieces(head, node=nodes, initializer=inits, value_info=model.graph.value_info if value_info else ())
 
 
 def inference_pieces(model: onnx.ModelProto) -> ModelPieces:
