@@ -24,19 +24,27 @@ from tests.make_bad_models import valid_model, write_valid
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs the CLI with Path.write_bytes slowed down: half the bytes reach the temp file,
+# Runs the CLI with its two ways of writing a model file (whole bytes, or a model's
+# pieces streamed: subgraph files) slowed down: part of the bytes reach the temp file,
 # then it waits to be signalled. SIGINT is restored as an interactive shell would (a
 # background job starts with it ignored).
 SLOW_CLI = """
 import signal, sys, time
 from pathlib import Path
+from adaptopt.graph.external import ModelPieces
 signal.signal(signal.SIGINT, signal.default_int_handler)
 real = Path.write_bytes
 def slow(self, data):
     real(self, data[: max(1, len(data) // 2)])
     print("WRITING", self, flush=True)
     time.sleep(120)
+def slow_pieces(self, fh):
+    fh.write(b"partial")
+    fh.flush()
+    print("WRITING", fh.name, flush=True)
+    time.sleep(120)
 Path.write_bytes = slow
+ModelPieces.write = slow_pieces
 from adaptopt.cli import main
 sys.argv = ["adaptopt"] + sys.argv[1:]
 main()

@@ -39,27 +39,40 @@ def test_example_leaves_are_pinned(resnet_model, bert_model, tmp_path):
 
 
 # ---------------------------------------------------------------- oracle: the former loops
+def producers_and_consumers(index: GraphIndex) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Tensor -> writing position, tensor -> reading positions (topological order), by looping
+    over the nodes: the dicts the index kept before its tables."""
+    producer, consumers = {}, {}
+    for pos, (node, inputs) in enumerate(zip(index.nodes, index.node_inputs)):
+        producer.update((o, pos) for o in node.output if o)
+        for name in inputs:
+            consumers.setdefault(name, []).append(pos)
+    return producer, consumers
+
+
 def reference_boundary(index: GraphIndex, start: int, stop: int):
+    producer, consumers = producers_and_consumers(index)
     inputs, inits, seen = [], [], set()
     for pos in range(start, stop):
         for name in index.node_inputs[pos]:
             if name in seen:
                 continue
             seen.add(name)
-            p = index.producer.get(name)
+            p = producer.get(name)
             if p is not None and start <= p < stop:
                 continue
             (inits if (p is None and name in index.initializers) else inputs).append(name)
     outputs = [o for pos in range(start, stop) for o in index.nodes[pos].output if o and (
-        o in index.graph_outputs or any(c >= stop for c in index.consumers.get(o, ())))]
+        o in index.graph_outputs or any(c >= stop for c in consumers.get(o, ())))]
     return inputs, outputs, inits
 
 
 def reference_crossing_costs(index: GraphIndex, start: int, stop: int):
+    _, consumers = producers_and_consumers(index)
     counts, sizes = np.zeros(stop - start, np.int64), np.zeros(stop - start, np.float64)
     for pos in range(start, stop):
         for out in index.nodes[pos].output:
-            last = max((c for c in index.consumers.get(out, ()) if c < stop), default=None) if out else None
+            last = max((c for c in consumers.get(out, ()) if c < stop), default=None) if out else None
             if last is not None and last > pos:
                 size = index.tensor_bytes(out)
                 counts[pos + 1 - start:last + 1 - start] += 1
@@ -110,7 +123,7 @@ def test_derived_views_match_the_former_dicts(case):
     index, _, _ = case
     ref = reference_views(index.model)
     assert index.node_inputs == ref["node_inputs"]
-    assert index.producer == ref["producer"] and index.consumers == ref["consumers"]
+    assert producers_and_consumers(index) == (ref["producer"], ref["consumers"])  # stored order is topological here
     for name in ("initializers", "value_info"):  # same keys, order, values and length as the dicts
         view, expected = getattr(index, name), ref[name]
         assert list(view) == list(expected) and len(view) == len(expected)
@@ -126,7 +139,7 @@ def test_stored_out_of_order_nodes_are_indexed_in_topological_order():
     index = GraphIndex.build(helper.make_model(graph))
     assert [n.name for n in index.nodes] == ["first", "second", "third"] == list(index.node_names(0, 3))
     assert [n.name for n in index.nodes[1:]] == ["second", "third"] and index.nodes[-1].name == "third"
-    assert index.node_inputs == [("x",), ("a",), ("b",)] and index.producer == {"a": 0, "b": 1, "y": 2}
+    assert index.node_inputs == [("x",), ("a",), ("b",)]
     assert index.boundary(1, 3) == (["a"], ["y"], [])
 
 

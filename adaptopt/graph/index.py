@@ -83,9 +83,9 @@ def tensor_nbytes(vi: onnx.ValueInfoProto | None) -> int | None:
 class GraphIndex:
     """The graph as flat arrays (``tables``) plus the model's own protos, looked up by name.
 
-    ``node_inputs``, ``producer`` and ``consumers`` are derived from the tables on first
-    use: the range queries of a split never need them as Python objects (for 100,000
-    nodes they would hold ~40 MB).
+    ``node_inputs`` is derived from the tables on first use: the range queries of a split
+    never need per-node Python objects (for 100,000 nodes, name -> producer / consumers
+    dicts held ~32 MB).
     """
 
     model: onnx.ModelProto
@@ -137,24 +137,6 @@ class GraphIndex:
         if "node_inputs" not in self._derived:
             self._derived["node_inputs"] = self.tables.node_inputs()
         return self._derived["node_inputs"]
-
-    @property
-    def producer(self) -> dict[str, int]:
-        """Tensor name -> position of the node writing it."""
-        if "producer" not in self._derived:
-            t = self.tables
-            self._derived["producer"] = {t.tensor_names[i]: p for i, p in
-                                         zip(t.write_tensor.tolist(), t.write_producer.tolist())}
-        return self._derived["producer"]
-
-    @property
-    def consumers(self) -> dict[str, list[int]]:
-        """Tensor name -> positions of the nodes reading it, ascending (once per read)."""
-        if "consumers" not in self._derived:
-            t = self.tables
-            self._derived["consumers"] = {t.tensor_names[i]: t.readers(i).tolist()
-                                          for i in np.unique(t.read_tensor).tolist()}
-        return self._derived["consumers"]
 
     def node_names(self, start: int, stop: int) -> tuple[str, ...]:
         """Names of nodes [start, stop), in topological order."""
@@ -378,7 +360,7 @@ class RangeTables:
         """Positions reading tensor id ``tensor``, ascending."""
         return self.reader_pos[self.reader_offsets[tensor]:self.reader_offsets[tensor + 1]]
 
-    def last_reader_before(self, index: GraphIndex, slots: np.ndarray, stop: int) -> np.ndarray:
+    def last_reader_before(self, slots: np.ndarray, stop: int) -> np.ndarray:
         """Per write slot: the last position < ``stop`` that reads its tensor, or -1."""
         last = self.write_last_reader[slots].copy()
         for k in np.flatnonzero(last >= stop).tolist():  # only tensors still read after ``stop``

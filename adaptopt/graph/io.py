@@ -50,7 +50,6 @@ from adaptopt.graph.external import (  # some re-exported for the graph modules
     all_tensors,
     attach_external_data,
     byte_size,
-    check_external_data,  # noqa: F401
     external_info,
     has_unknown_fields,
     inference_pieces,
@@ -631,7 +630,7 @@ def save_model(model: onnx.ModelProto, destination: str | Path, *, external: boo
             if size < STREAM_BYTES or not _piecewise(model):
                 tmp.write_bytes(model.SerializeToString())
             else:
-                write_pieces(tmp, ModelPieces(model), size)
+                write_pieces(tmp, ModelPieces(model))
         return
     data_name = target.name + ".data"
     with atomic_path(target.parent / data_name) as tmp_data, atomic_path(target) as tmp_model:
@@ -643,12 +642,8 @@ def _piecewise(model: onnx.ModelProto) -> bool:
     return not (has_unknown_fields(model) or has_unknown_fields(model.graph))
 
 
-def write_pieces(path: Path, pieces: ModelPieces, size: int | None = None) -> None:
-    """Write ``pieces`` to ``path``: in one write below :data:`STREAM_BYTES`, else piece by piece."""
-    size = pieces.size() if size is None else size
-    if size < STREAM_BYTES:
-        path.write_bytes(pieces.to_bytes())
-        return
+def write_pieces(path: Path, pieces: ModelPieces) -> None:
+    """Write ``pieces`` to ``path`` piece by piece (never the whole model in memory)."""
     with open(path, "wb") as fh:
         pieces.write(fh)
 

@@ -105,7 +105,7 @@ def crossing_costs(index: GraphIndex, start: int, stop: int) -> tuple[np.ndarray
     t = index.tables
     slots = np.arange(t.write_offsets[start], t.write_offsets[stop])
     pos = t.write_producer[slots]
-    last = t.last_reader_before(index, slots, stop)
+    last = t.last_reader_before(slots, stop)
     crossing = last > pos
     first_k, end_k = pos[crossing] + 1 - start, last[crossing] + 1 - start
     sizes = index.written_sizes()[slots[crossing]]

@@ -88,7 +88,7 @@ def _range_head(index: GraphIndex, start: int, stop: int, name: str) -> tuple[on
 
 
 def _range_pieces(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
-                  stubs: dict[str, bytes], sizes: _Sizes | None = None) -> ModelPieces:
+                  stubs: dict[str, bytes], sizes: _Sizes) -> ModelPieces:
     """``_range_model`` as pieces: written, the same bytes, but no node, weight or value info is
     copied (the root file holds every node). ``stubs`` caches serialized external stubs, which
     a tree's files share; ``sizes`` the serialized sizes of nodes and value infos, which are the
@@ -97,9 +97,9 @@ def _range_pieces(index: GraphIndex, start: int, stop: int, name: str, weight_re
     for n in inits:
         if n in weight_refs and n not in stubs:
             stubs[n] = external_stub(index.initializers[n], weight_refs[n]).SerializeToString()
-    return ModelPieces(model, node=_Span(index.nodes, start, stop, sizes and sizes.nodes),
+    return ModelPieces(model, node=_Span(index.nodes, start, stop, sizes.nodes),
                        initializer=[stubs[n] if n in stubs else index.initializers[n] for n in inits],
-                       value_info=_internal_value_info(index, start, stop, sizes and sizes.value_infos))
+                       value_info=_internal_value_info(index, start, stop, sizes.value_infos))
 
 
 class _Sizes:
@@ -118,7 +118,7 @@ class _Sizes:
 class _Span(Sequence):
     """``nodes[start:stop]`` without a list of them (``sizes``: every node's serialized size)."""
 
-    def __init__(self, nodes: Sequence, start: int, stop: int, sizes: np.ndarray | None = None) -> None:
+    def __init__(self, nodes: Sequence, start: int, stop: int, sizes: np.ndarray) -> None:
         self.nodes, self.start, self.stop, self.sizes = nodes, start, stop, sizes
 
     def __len__(self) -> int:
@@ -132,8 +132,8 @@ class _Span(Sequence):
     def __iter__(self):
         return self.nodes.span(self.start, self.stop)
 
-    def payload_sizes(self) -> np.ndarray | None:
-        return None if self.sizes is None else self.sizes[self.start:self.stop]
+    def payload_sizes(self) -> np.ndarray:
+        return self.sizes[self.start:self.stop]
 
 
 def _internal_value_info(index: GraphIndex, start: int, stop: int,
