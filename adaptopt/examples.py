@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from adaptopt.runtime import BUILT_MODEL_IR
+
 OPSET = 17
 
 
@@ -60,7 +62,7 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="adaptopt.examples")
-        model.ir_version = 8
+        model.ir_version = BUILT_MODEL_IR
         return model
 
 

@@ -21,6 +21,11 @@ import onnx
 from adaptopt.config import TargetConfig
 from adaptopt.errors import InputError
 
+# IR version of the models adaptopt builds itself (examples, probes, calibration models):
+# not onnx's newest, which an onnx package newer than the installed ONNX Runtime would
+# write and that runtime would refuse.
+BUILT_MODEL_IR = 8
+
 _pool_lock = threading.Lock()
 _pool_threads: int | None = None
 
@@ -71,7 +76,8 @@ def _probe_provider(ort, name: str, target: TargetConfig) -> str:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                  ir_version=BUILT_MODEL_IR)
     with _silenced_fds():
         try:
             session = ort.InferenceSession(probe.SerializeToString(), session_options(target, "disable"),

@@ -78,6 +78,9 @@ def test_profile_on_the_gpu_reads_nvml_counters(resnet_model, tmp_path):
     if nvml.NvmlBackend().availability().available:
         assert counters["sm_clock"]["measured"] and counters["sm_clock"]["value"] > 0, counters["sm_clock"]
         assert counters["power"]["value"] is None or counters["power"]["value"] > 0
+    else:  # no NVML here (nvidia-ml-py or the driver library missing): the report says so, with the reason
+        backend = next(b for b in data["backends"] if b["name"] == "nvml")
+        assert not backend["available"] and backend["reason"] and "sm_clock" not in counters
     for sub in data["subgraphs"]:
         assert sub["latency_ms"] > 0
 
@@ -94,7 +97,7 @@ def test_optimize_on_the_gpu_keeps_outputs_within_the_budget(bert_model, tmp_pat
     before = run(make_session(bert_model, target), feeds)
     after = run(make_session(result.model, target), feeds)
     assert compare(before, after, 1e-4, 0.999).ok
-    assert result.speedup >= 1.0 or not result.improved
+    assert result.speedup > 1.0 if result.improved else result.speedup == 1.0  # never a slower model
 
 
 @needs_cuda

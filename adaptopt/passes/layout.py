@@ -228,14 +228,14 @@ def nhwc_kernel_missing(ctx: PassContext, dtype: int) -> str:
     """Probe the target for an NhwcFusedConv kernel of ``dtype``; '' when it has one."""
     from onnx import helper
 
-    from adaptopt.runtime import make_session, ort_error_line, ort_errors
+    from adaptopt.runtime import BUILT_MODEL_IR, make_session, ort_error_line, ort_errors
     x = helper.make_tensor_value_info("x", dtype, [1, 4, 4, 2])
     y = helper.make_tensor_value_info("y", dtype, None)
     w = helper.make_tensor("w", dtype, [2, 2, 1, 1], [1.0, 0.0, 0.0, 1.0])
     node = helper.make_node("NhwcFusedConv", ["x", "w"], ["y"], domain=MS_DOMAIN)
     probe = helper.make_model(helper.make_graph([node], "probe", [x], [y], [w]),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
-    probe.ir_version = 8
+    probe.ir_version = BUILT_MODEL_IR
     try:
         make_session(probe, ctx.target, level="disable")
     except ort_errors() as exc:

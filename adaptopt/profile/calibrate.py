@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from adaptopt.config import ProfilingConfig, TargetConfig
 from adaptopt.graph.io import atomic_path
-from adaptopt.runtime import init_thread_pool, resolve_providers
+from adaptopt.runtime import BUILT_MODEL_IR, init_thread_pool, resolve_providers
 
 CACHE_FILE = "machine.json"
 CACHE_VERSION = 2
@@ -136,10 +136,8 @@ def cache_key(info: dict) -> str:
 
 # ------------------------------------------------------------------ microbenchmark models
 def _model(nodes: list, inputs: list, outputs: list) -> onnx.ModelProto:
-    # IR 8 (not onnx's newest): an onnx package newer than the installed ONNX Runtime
-    # would otherwise write an IR version that runtime refuses.
     return helper.make_model(helper.make_graph(nodes, "calibration", inputs, outputs), opset_imports=_OPSET,
-                             ir_version=8)
+                             ir_version=BUILT_MODEL_IR)
 
 
 def _vi(name: str, shape: list[int]) -> onnx.ValueInfoProto:
