@@ -271,13 +271,12 @@ class FuseMatMulAddPass(RulePass):
 
 
 def _column_vector(value: np.ndarray, columns: int, rank: int | None) -> np.ndarray | None:
-    """``value`` as a vector over the last axis when it broadcasts only along that axis of
-    a rank-``rank`` tensor without growing it (a 1-D or scalar constant needs no rank)."""
-    if value.dtype != np.float32 or (value.ndim > 1 and (rank is None or value.ndim > rank)):
-        return None
-    if any(d != 1 for d in value.shape[:-1]) or value.shape[-1:] not in ((columns,), (1,), ()):
-        return None
-    return np.broadcast_to(value.reshape(-1), (columns,)).astype(np.float64)
+    """:func:`_per_channel` along the last axis (a 1-D or scalar constant needs no rank)."""
+    if rank is None:
+        if value.ndim > 1:
+            return None
+        rank = 1
+    return _per_channel(value, columns, rank, axis=rank - 1)
 
 
 class FuseMatMulScalePass(RulePass):
