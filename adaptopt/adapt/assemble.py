@@ -243,6 +243,30 @@ def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     return out
 
 
+_last_other_reference: list = []  # [(skeleton, feeds, target), (alt feeds, reference outputs)]: one run's
+
+
+def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
+                           ) -> tuple[dict | None, dict | None]:
+    """The other-size feeds and the original's outputs on them (None, None when the model is
+    static; reference None when the original fails there). A run checks many candidates
+    against the same skeleton: the original is run once (memoised by identity of the
+    skeleton and feeds objects, which the memo keeps alive)."""
+    if _last_other_reference:
+        (known, known_feeds, target), value = _last_other_reference[0]
+        if known is skeleton and known_feeds is feeds and target == config.target:
+            return value
+    alt = other_shape_feeds(skeleton, feeds)
+    reference = None
+    if alt is not None:
+        try:
+            reference = run(make_session(skeleton, config.target, level="all"), alt)
+        except ort_errors():
+            reference = None
+    _last_other_reference[:] = [((skeleton, feeds, config.target), (alt, reference))]
+    return alt, reference
+
+
 def check_everywhere(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                      reference: Mapping[str, np.ndarray], config: Config, budget: float = 0.0) -> Validation:
     """Outputs at the configured shapes, then at other sizes of the dynamic dims.
@@ -260,14 +284,9 @@ def check_everywhere(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feed
 def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                        config: Config, budget: float = 0.0) -> Validation:
     """A rewrite must not specialise a dynamic model to the profiled shapes (same tolerance or budget)."""
-    alt = other_shape_feeds(skeleton, feeds)
-    ok = Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
-    if alt is None:
-        return ok
-    try:
-        reference = run(make_session(skeleton, config.target, level="all"), alt)
-    except ort_errors():
-        return ok  # the original itself does not run at other sizes: nothing to keep working
+    alt, reference = _other_shape_reference(skeleton, feeds, config)
+    if alt is None or reference is None:  # static, or the original itself does not run at other sizes
+        return Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
     result = check_outputs(candidate, alt, reference, config, budget)
     if result.ok:
         return result
