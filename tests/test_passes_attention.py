@@ -214,3 +214,29 @@ def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, 
     result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, batch, seq, fully_masked=guard),
                              {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
     assert_same_everywhere(model, result.model, fully_masked=guard)
+
+
+def mlp_softmax_model() -> onnx.ModelProto:
+    """MatMul+Add+Relu, MatMul+Add, Softmax: a classifier head with no attention in it."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
+             helper.make_node("Relu", ["ab"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["l"]),
+             helper.make_node("Add", ["l", "b2"], ["lb"]), helper.make_node("Softmax", ["lb"], ["prob"], axis=-1)]
+    inits = [const("w1", rng_array((16, 32), 1)), const("b1", rng_array((32,), 2)),
+             const("w2", rng_array((32, 10), 3)), const("b2", rng_array((10,), 4))]
+    return make_model(nodes, [tensor("x", [4, 16])], [tensor("prob", [4, 10])], inits)
+
+
+def test_sdpa_checks_a_graph_that_symbolic_shape_inference_cannot_read():
+    """After fuse_conv_activation the graph holds com.microsoft.FusedGemm, which ORT's symbolic
+    shape inference has no rule for (it raises a bare Exception): fuse_sdpa must still answer
+    (nothing to fuse here), not abort the run (it did, on every MLP or U-Net with a Softmax)."""
+    from adaptopt.passes.registry import run_sequence
+    from tests.test_passes_support import CPU
+    from adaptopt.passes.base import PassContext
+    model = mlp_softmax_model()
+    feeds = {"x": rng_array((4, 16), 5)}
+    fused, results = run_sequence(model, ["fuse_matmul_add", "fuse_conv_activation"], PassContext(target=CPU))
+    assert all(r.modified for r in results)
+    assert any(n.op_type == "FusedGemm" for n in fused.graph.node)
+    assert_noop("fuse_sdpa", fused, feeds)
+    assert compare(outputs(model, feeds), outputs(fused, feeds), 1e-5).ok

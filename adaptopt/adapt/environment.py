@@ -21,6 +21,7 @@ import onnx
 
 from adaptopt.adapt.cache import MeasurementCache
 from adaptopt.config import AccuracyConfig
+from adaptopt.passes.base import applies_guarded
 from adaptopt.policy.search import Outcome
 from adaptopt.policy.state import State, encode
 from adaptopt.validate import Validation, compare
@@ -115,8 +116,13 @@ class SubgraphEnv:
             names = []
             if step.model is not None and self.evaluate(()).valid:  # an original that cannot run is kept as is
                 for p in self.passes:
-                    if p.name not in sequence and p.applies(step.model, self.context).ok:
+                    if p.name in sequence:
+                        continue
+                    ok, error = applies_guarded(p, step.model, self.context)
+                    if ok:
                         names.append(p.name)
+                    elif error and error not in self.pass_errors:  # a check that fails is that pass's failure
+                        self.pass_errors.append(error)
             self._actions[sequence] = names
         return self._actions[sequence]
 

@@ -124,8 +124,12 @@ class _Shapes:
         try:
             with ort_tool():
                 inferred = SymbolicShapeInference.infer_shapes(ed.model, auto_merge=True)
-        except TOOL_ERRORS:
-            return  # the value infos alone; shapes they lack simply do not match
+        except (*TOOL_ERRORS, Exception):  # noqa: BLE001 - see below
+            # the value infos alone; shapes they lack simply do not match. Besides the usual
+            # tool errors, SymbolicShapeInference raises a bare Exception ("Incomplete symbolic
+            # shape inference") on ops it has no rule for: FusedGemm / FusedConv, which our own
+            # fuse_conv_activation emits before this pass runs
+            return
         if inferred is not None:
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                 dims = _dims_of(vi)

@@ -98,6 +98,9 @@ class Pass(ABC):
     # its metadata, training_info), which a merge of subgraphs cannot carry; the optimizer
     # decides such passes once, on the merged model.
     scope: ClassVar[Scope] = "subgraph"
+    # True: searched only when named (passes.enabled, --passes); for passes whose effect
+    # a plain ONNX Runtime user does not get by loading the model (see passes/buffers.py)
+    opt_in: ClassVar[bool] = False
 
     def applies(self, model: onnx.ModelProto, ctx: PassContext) -> Applicability:
         """Does this pass have anything to do on ``model`` for ``ctx.target``?"""
@@ -165,6 +168,17 @@ def apply_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[Pa
     except Exception as exc:  # noqa: BLE001 - see the docstring: the failure is returned, never hidden
         text = str(exc).strip()
         return None, f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def applies_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[bool, str]:
+    """``p.applies(...).ok`` for the optimizer, with a failing check as one line (the
+    check of some passes runs part of their matcher, or a third-party tool): like
+    :func:`apply_guarded`, the pass failing on this graph is recorded, not fatal."""
+    try:
+        return p.applies(model, ctx).ok, ""
+    except Exception as exc:  # noqa: BLE001 - returned as the pass's failure, like apply_guarded
+        text = str(exc).strip()
+        return False, f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def default_opset(model: onnx.ModelProto) -> int:
