@@ -170,6 +170,25 @@ def test_fixed_pass_sequence(tmp_path, resnet_model, fast_config):
     assert result.report["kind"] == "optimize-fixed-sequence"
 
 
+def test_fixed_pass_sequence_on_a_dynamic_model_keeps_its_signature(tmp_path, bert_model, fast_config):
+    """--passes on a model with dynamic dims: the sequence runs on the user's signature, so the
+    result is judged (and works) at other sizes too; it was always refused before, because
+    the candidate kept the pinned sizes and failed the other-size check."""
+    path = tmp_path / "bert.onnx"
+    save_model(bert_model, path)
+    config = fast_config.replace(inputs=dict(BERT_INPUTS))
+    result = api.optimize(path, config, passes=["fold_constants", "fuse_gelu"],
+                          allow_slower=True)
+    assert result.improved, result.report["result"]["message"]
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Gelu" in ops and "Erf" not in ops and "Constant" not in ops
+    assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    other = Config(inputs={k: InputSpec(shape=(2, 16), dtype=v.dtype, values=v.values, value_range=v.value_range)
+                           for k, v in BERT_INPUTS.items()})
+    feeds = make_inputs(bert_model, other)
+    assert compare(run_model(bert_model, feeds), run_model(result.model, feeds), 1e-4).ok
+
+
 def test_unknown_pass_and_stdout_conflict_exit_2(tmp_path, resnet_model):
     path = tmp_path / "m.onnx"
     save_model(resnet_model, path)

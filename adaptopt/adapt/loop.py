@@ -94,7 +94,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("pre-pass")
     cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
-    pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache)
+    pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
+                  deadline.expired)
     say(f"whole-model exact passes: {pre.reason}")
     work = with_signature(pre.model, skeleton)
     base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None
@@ -165,6 +166,8 @@ def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> tuple[dict[st
             unmeasured.append(sid)
             continue
         env = plan.env
+        if not env.evaluate(()).valid:  # the leaf alone does not run (e.g. no nodes): nothing to read
+            continue
         out[sid] = {"original": measure(env.model, env.feeds, ctx.config).counters}
         if sid in accepted:
             out[sid]["optimized"] = measure(env.step(accepted[sid]).model, env.feeds, ctx.config).counters
@@ -203,13 +206,20 @@ def _node_times(model: onnx.ModelProto, feeds, config: Config, cache: Measuremen
 
 
 def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock) -> OptimizeResult:
-    """``--passes a,b,c``: the static baseline, applied to the whole model and verified."""
+    """``--passes a,b,c``: the static baseline, applied to the whole model and verified.
+
+    Like the pre-pass, the passes run on the user's own signature (dynamic dims kept), so
+    nothing they fold can bake in the profiled sizes, and the result keeps that signature."""
     from adaptopt.adapt.assemble import verify_candidate
+    from adaptopt.graph.io import infer_shapes
     from adaptopt.passes.base import PassContext
     from adaptopt.passes.registry import run_sequence
     clock.stage("passes")
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=budget, seed=config.policy.seed)
-    candidate, results = run_sequence(model, list(options.passes), ctx)
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(skeleton)
+    candidate, results = run_sequence(infer_shapes(dynamic, "--passes"), list(options.passes), ctx)
+    candidate = with_signature(candidate, skeleton)
     lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
     clock.stage("verify")
     assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,

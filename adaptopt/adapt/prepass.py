@@ -53,16 +53,20 @@ def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mo
 
 
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
-                       judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None
+                       judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
+                       should_stop: Callable[[], bool] = lambda: False
                        ) -> tuple[onnx.ModelProto, list[str], list[str], list[dict]]:
     """Each pass in order on the whole model; a pass that fails is skipped and named.
 
     ``judge(before, after)`` may refuse a step (it returns why); the next pass then
-    runs on the model before it. Returns (model, applied, errors, dropped)."""
+    runs on the model before it. ``should_stop()`` (the run's time budget) ends the
+    sequence early. Returns (model, applied, errors, dropped)."""
     from adaptopt.passes.base import PassContext, apply_guarded
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=0.0, seed=config.policy.seed)
     applied, errors, dropped = [], [], []
     for p in passes:
+        if should_stop():
+            break
         if p.guarantee != "exact" or p.scope == "model":
             continue
         result, error = apply_guarded(p, model, ctx)
@@ -81,7 +85,8 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
 
 
 def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, config: Config,
-            feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache) -> PrePass:
+            feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache,
+            should_stop: Callable[[], bool] = lambda: False) -> PrePass:
     """``model`` is the pinned work model; the passes run on ``skeleton`` (the user's own
     signature, dynamic dims kept), so nothing they fold can bake in the profiled sizes.
 
@@ -101,7 +106,7 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
                              config, feeds, reference, cache)
 
     current, applied, errors, dropped = apply_exact_passes(infer_shapes(dynamic, "pre-pass"), passes, config, feeds,
-                                                           judge)
+                                                           judge, should_stop)
     pre = PrePass(model, False, applied, errors, dropped=dropped)
     if not applied:
         pre.reason = "no exact pass applies to the whole model" if not dropped else \

@@ -102,14 +102,18 @@ class QSettings:
 
 
 def run_episode(env: Environment, table: QTable, settings: QSettings, epsilon: float,
-                rng: random.Random, log: list[dict] | None = None) -> tuple[float, Sequence_]:
-    """One episode on one subgraph; returns (total reward, sequence reached)."""
+                rng: random.Random, log: list[dict] | None = None,
+                should_stop=lambda: False) -> tuple[float, Sequence_]:
+    """One episode on one subgraph; returns (total reward, sequence reached). ``should_stop``
+    (the time budget) is asked before each step: one step on a big subgraph takes seconds."""
     seq: Sequence_ = ()
     current = env.evaluate(seq)
     state = env.state(seq)
     total = 0.0
     failed: set[str] = set()
     for _ in range(settings.max_sequence):
+        if should_stop():
+            break
         actions = [a for a in env.actions(seq) if a not in failed] + [STOP]
         action = table.choose(state.key, actions, epsilon, rng)
         if action == STOP:
@@ -164,20 +168,22 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
     visited: list[list[Sequence_]] = [[] for _ in envs]
     logs: list[list[dict]] = [[] for _ in envs]
     for epoch in range(settings.epochs):
-        if should_stop():
-            break
         epsilon = epsilon_at(epoch, settings.epochs, settings.epsilon_start, settings.epsilon_end)
         for i, env in enumerate(envs):
-            total, seq = run_episode(env, table, settings, epsilon, rng, logs[i])
+            if should_stop():  # checked per episode: one epoch over a big model's leaves takes long
+                break
+            total, seq = run_episode(env, table, settings, epsilon, rng, logs[i], should_stop)
             curves[i].append(total)
             visited[i].append(seq)
             if progress is not None:
                 progress(epoch * len(envs) + i + 1, settings.epochs * len(envs))
     results = []
     for i, env in enumerate(envs):
-        rollout = greedy_rollout(env, table, settings.max_sequence)
+        # out of time: no new measurements, the best sequence measured so far stands
+        rollout = () if should_stop() else greedy_rollout(env, table, settings.max_sequence)
         best, best_out = best_seen(env, [rollout] + visited[i])
-        chosen_by = "greedy rollout" if best == rollout else "best measured during training"
+        chosen_by = "greedy rollout" if best == rollout and rollout else \
+            "best measured during training" if best else "nothing measured beat the original"
         logs[i].append({"final": list(best), "chosen_by": chosen_by, "rollout": list(rollout)})
         results.append(SearchResult(best, best_out, env.evaluate(()), env.measurements, "q-learning",
                                     curves[i], logs[i]))
