@@ -142,7 +142,9 @@ def session_options(target: TargetConfig, level: str = "all", profile_prefix: st
 
 ORT_CONFIG_KEY = "ort_config"
 # session options a model may carry in its ``ort_config`` metadata (ORT's own format:
-# {"session_options": {...}}); ORT reads it itself with ORT_LOAD_CONFIG_FROM_MODEL=1.
+# {"session_options": {...}}). ORT itself (ORT_LOAD_CONFIG_FROM_MODEL=1) reads only thread
+# counts, execution_mode, graph_optimization_level and enable_profiling from it; adaptopt's
+# sessions also apply the memory keys (the opt-in buffers_* passes write them).
 _MODEL_OPTIONS = {"enable_mem_pattern": bool, "enable_mem_reuse": bool, "enable_cpu_mem_arena": bool,
                   "execution_mode": str, "inter_op_num_threads": int}
 
@@ -174,8 +176,8 @@ def make_session(model: onnx.ModelProto | bytes | str, target: TargetConfig, lev
                  profile_prefix: str | None = None, sess_options=None):
     """An inference session for ``model`` (proto, serialized bytes or a path).
 
-    Session options carried in the model's ``ort_config`` metadata are applied, as
-    ORT does itself with ORT_LOAD_CONFIG_FROM_MODEL=1.
+    Session options carried in the model's ``ort_config`` metadata are applied (ORT
+    itself applies only some of them: see ``_MODEL_OPTIONS``).
     """
     ort = _ort()
     so = sess_options or session_options(target, level, profile_prefix)

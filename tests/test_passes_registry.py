@@ -132,3 +132,15 @@ def test_feeds_are_never_mutated(resnet_model):
     copy = {k: v.copy() for k, v in feeds.items()}
     get_pass("quantize_static_qdq").apply(model, PassContext(target=CPU, feeds=feeds, accuracy_budget=0.99))
     assert all(np.array_equal(copy[k], feeds[k]) for k in feeds)
+
+
+def test_session_option_passes_are_opt_in():
+    """ORT does not read the arena / memory-pattern options from a model's ort_config, so a
+    gain measured with them is not one a user loading the model gets: the default search
+    leaves the buffers_* passes out; naming them brings them in."""
+    from adaptopt.adapt.session import select_passes
+    default = {p.name for p in select_passes(Config(), None, 0.0)}
+    assert not any(name.startswith("buffers_") for name in default)
+    assert "fold_constants" in default
+    named = Config(passes=PassesConfig(enabled=("buffers_no_arena", "fold_constants")))
+    assert [p.name for p in select_passes(named, None, 0.0)] == ["fold_constants", "buffers_no_arena"]

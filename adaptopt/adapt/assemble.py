@@ -92,11 +92,16 @@ def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Ass
     among several tries must be confirmed by a run that did not pick it), so the
     reported speedup is always original vs final.
     """
-    from adaptopt.passes.base import PassContext
+    from adaptopt.passes.base import PassContext, applies_guarded
     model, changed = assembly.model, False
     pass_ctx = PassContext(target=ctx.config.target)
     for p in ctx.model_passes:
-        if ctx.expired() or not p.applies(model, pass_ctx).ok:
+        if ctx.expired():
+            break
+        ok, error = applies_guarded(p, model, pass_ctx)
+        if error:
+            assembly.events.append({"event": "model_pass", "pass": p.name, "error": error})
+        if not ok:
             continue
         candidate = p.apply(model, pass_ctx).model
         side = timed(ctx, model, candidate)
@@ -106,8 +111,11 @@ def with_model_passes(ctx, assembly: Assembly, skeleton: onnx.ModelProto) -> Ass
     final = confirmed(ctx, assembly, skeleton, model, "final") if changed else None
     if final is None:
         return assembly
+    from adaptopt.runtime import model_session_config
     return Assembly(model, True, assembly.validation, final, assembly.accepted, assembly.events,
-                    f"verified speedup {final.speedup:.3f}x (A/A noise {final.noise:.3f})", assembly.leaf_models)
+                    f"verified speedup {final.speedup:.3f}x (A/A noise {final.noise:.3f}) with the session options "
+                    f"{model_session_config(model)} in the model's ort_config: ONNX Runtime does not read these "
+                    "from the model, set them on your SessionOptions", assembly.leaf_models)
 
 
 def confirmed(ctx, assembly: Assembly, skeleton: onnx.ModelProto, model: onnx.ModelProto, attempt: str,
@@ -237,6 +245,9 @@ def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
         dims = vi.type.tensor_type.shape.dim
         shape = [d if (i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0)
                  else (2 if d == 1 else max(1, d // 2)) for i, d in enumerate(value.shape)]
+        if value.size == 0:  # an empty feed (a zero-length past, say) has no values to tile
+            out[vi.name] = np.zeros(shape, value.dtype)
+            continue
         # reuse the reference values' range: tile/crop the original feed to the new shape
         idx = tuple(np.arange(n) % max(value.shape[i], 1) for i, n in enumerate(shape))
         out[vi.name] = value[np.ix_(*idx)] if value.ndim else value

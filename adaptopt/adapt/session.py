@@ -90,7 +90,8 @@ def make_measurer(config: Config):
 
 
 def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) -> list:
-    """Enabled passes in library order; lossy ones only with a budget > 0."""
+    """Enabled passes in library order; lossy ones only with a budget > 0; opt-in ones only
+    when ``passes.enabled`` names them."""
     from adaptopt.passes.registry import all_passes, get_pass
     if names:
         return [get_pass(n) for n in names]
@@ -99,8 +100,14 @@ def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) 
     for name in tuple(config.passes.enabled) + tuple(config.passes.disabled):
         if name not in known:
             raise InputError(f"{config.source}: passes: unknown pass '{name}' (see 'adaptopt passes')")
-    chosen = [p for p in library if (not config.passes.enabled or p.name in config.passes.enabled)
-              and p.name not in config.passes.disabled]
+    enabled = set(config.passes.enabled)
+
+    def wanted(p) -> bool:
+        if p.name in config.passes.disabled:
+            return False
+        return p.name in enabled if enabled or getattr(p, "opt_in", False) else True
+
+    chosen = [p for p in library if wanted(p)]
     return [p for p in chosen if p.guarantee == "exact" or budget > 0]
 
 

@@ -1,9 +1,18 @@
 """Buffer allocation strategies (memory, exact): ORT session settings carried in the model.
 
 Each variant writes ONNX Runtime session options into the model's ``ort_config``
-metadata (``{"session_options": {...}}``, ORT's own format, read by ORT itself with
-``ORT_LOAD_CONFIG_FROM_MODEL=1`` and applied by :func:`adaptopt.runtime.make_session`).
-The graph is untouched, so outputs are bit-identical.
+metadata (``{"session_options": {...}}``, ORT's own format), applied by
+:func:`adaptopt.runtime.make_session`. The graph is untouched, so outputs are
+bit-identical.
+
+Opt-in (``passes: {enabled: [...]}`` or ``--passes``): ONNX Runtime itself, even with
+``ORT_LOAD_CONFIG_FROM_MODEL=1``, reads only the thread counts, ``execution_mode``,
+``graph_optimization_level`` and ``enable_profiling`` from that metadata
+(``InferenceSessionUtils::ParseSessionOptionsFromModelProto`` ignores every other key),
+so the arena and memory-pattern settings take effect only where the caller sets them
+on its ``SessionOptions``. A gain measured with them is one a plain ORT user loading the
+model would not see, so the default search never counts it; a run that keeps one says
+which options to set.
 
 - ``buffers_no_arena``: ``enable_cpu_mem_arena = false`` (large activations come straight
   from the allocator instead of a growing arena; lower resident memory).
@@ -32,6 +41,7 @@ class BufferPass(Pass):
     category = "memory"
     guarantee = "exact"
     scope = "model"  # merging subgraphs keeps only the original model's metadata
+    opt_in = True  # ORT does not read these options from the model: see the module docstring
 
     def __init__(self, name: str, options: Mapping[str, object], description: str):
         self.name = name
