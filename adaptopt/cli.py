@@ -54,6 +54,17 @@ def config_options(fn):
     return fn
 
 
+def check_outputs(*paths: tuple[str | None, str], folder: tuple[str | None, str] | None = None) -> None:
+    """Refuse unwritable output paths (``(path, what)``; None and ``-`` are skipped) before
+    any work: a run that measures for minutes must not fail at the end on a bad -o."""
+    from adaptopt.graph.io import check_writable
+    for path, what in paths:
+        if path and path != "-":
+            check_writable(path, what)
+    if folder and folder[0]:
+        check_writable(folder[0], folder[1], directory=True)
+
+
 def load_run_config(config_path: str | None, input_shapes: tuple[str, ...]):
     from adaptopt.config import load_config, parse_input_shapes, with_input_shapes
     return with_input_shapes(load_config(config_path), parse_input_shapes(input_shapes))
@@ -79,6 +90,7 @@ def split(model: str, out_dir: str, granularity: int | None, config_path: str | 
     """Split MODEL (a path or -) into a tree of standalone subgraph ONNX files."""
     from adaptopt import api
     config = load_run_config(config_path, input_shapes)
+    check_outputs(folder=(out_dir, "-o"))
     result = api.split(model, out_dir, config, granularity)
     leaves = result.manifest["leaves"]
     click.echo(f"wrote {len(result.manifest['nodes'])} subgraph files ({len(leaves)} leaves) and manifest.json "
@@ -92,6 +104,7 @@ def split(model: str, out_dir: str, granularity: int | None, config_path: str | 
 def merge(directory: str, output: str) -> None:
     """Rebuild one model from the leaves named in DIRECTORY/manifest.json."""
     from adaptopt import api
+    check_outputs((output, "-o"))
     model = api.merge(directory, output)
     if output != "-":
         click.echo(f"wrote {output}: {len(model.graph.node)} nodes", err=True)
@@ -113,6 +126,7 @@ def profile(model: str, granularity: int | None, fmt: str, output: str | None, c
     """Time every subgraph of MODEL (a path or -) on real activations and say what bounds it."""
     from adaptopt import api
     from adaptopt.report.render import render
+    check_outputs((output, "-o"))
     report = api.profile(model, load_run_config(config_path, input_shapes), granularity)
     text = render(report, fmt)
     if output is None:
@@ -183,12 +197,16 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
              input_shapes: tuple[str, ...]) -> None:
     """Optimize MODEL (a path or -): measure each subgraph, keep only rewrites that win."""
     from adaptopt import api
-    from adaptopt.cli_render import optimize_summary, progress_printer, write_report
+    from adaptopt.cli_render import optimize_summary, progress_printer, report_format, write_report
     from adaptopt.errors import GateNotMet, InputError
     output = output or ("-" if model == "-" else str(Path(model).with_suffix("")) + ".opt.onnx")
     if as_json and output == "-":
         raise InputError("--json prints the summary on stdout; give -o PATH for the model")
     config = load_run_config(config_path, input_shapes)
+    if report_path:
+        report_format(report_path)
+    check_outputs((output, "-o"), (report_path, "--report"), (qtable, "--policy"),
+                  folder=(keep_subgraphs, "--keep-subgraphs"))
     passes = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
     result = api.optimize(model, config, passes=passes, accuracy_budget=accuracy_budget, seed=seed,
                           budget_s=budget_s, qtable=qtable, keep_subgraphs=keep_subgraphs,
@@ -223,6 +241,7 @@ def policy_train(models: tuple[str, ...], output: str, accuracy_budget: float, s
 
     from adaptopt import api
     config = load_run_config(config_path, input_shapes)
+    check_outputs((output, "-o"))
     rows = api.train_policy(list(models), output, config, accuracy_budget=accuracy_budget, seed=seed,
                             log=lambda m: click.echo(m, err=True))
     click.echo(tabulate(rows, headers="keys"))

@@ -19,15 +19,22 @@ def optimize_summary(result, output: str, report_path: str | None) -> dict:
             "output": output, "report": report_path, "message": r["message"]}
 
 
-def write_report(report: dict, path: str) -> None:
+def report_format(path: str) -> str:
+    """``json`` or ``md``, from the report file's name (anything else is bad input)."""
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
+        return "json"
+    if suffix in (".md", ".markdown"):
+        return "md"
+    raise InputError(f"--report {path}: use a .json or .md file name")
+
+
+def write_report(report: dict, path: str) -> None:
+    if report_format(path) == "json":
         text = json.dumps(report, indent=1, default=str)
-    elif suffix in (".md", ".markdown"):
+    else:
         from adaptopt.report.optimize import render_markdown
         text = render_markdown(report)
-    else:
-        raise InputError(f"--report {path}: use a .json or .md file name")
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

@@ -170,3 +170,53 @@ def test_odd_model_profile_and_optimize(tmp_path, command, case):
                 assert value.tolist() == got[name].tolist()
             else:
                 np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=name)
+
+
+def _refused(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, (result.exit_code, result.stderr, result.exception)
+    return lines[0]
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    """A bad -o / --report is bad input found up front (one line, exit 2), not an internal
+    error after minutes of measuring, and never a model written before the report fails."""
+    model = write_valid(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "out.onnx"
+    assert "folder" in _refused(["optimize", str(model), "-o", str(tmp_path / "folder")])
+    assert ".json or .md" in _refused(["optimize", str(model), "-o", str(out), "--report", str(tmp_path / "r.txt")])
+    assert "not a folder" in _refused(["optimize", str(model), "-o", str(tmp_path / "file.txt" / "m.onnx")])
+    assert "not a folder" in _refused(["merge", str(tmp_path / "folder"), "-o", str(tmp_path / "file.txt" / "m.onnx")])
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder", "model.onnx"]
+
+
+def test_a_model_with_no_nodes_is_written_back(tmp_path):
+    """Output = input, no node at all: valid, nothing to optimize; the run says so and writes it."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([], "empty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])])
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    result = CliRunner().invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--budget", "10"])
+    assert result.exit_code == 0, result.stderr
+    assert not load_model(tmp_path / "out.onnx", Config()).graph.node
+
+
+def test_a_zero_sized_dynamic_dim_is_a_valid_shape(tmp_path):
+    """--input-shape x=0x4 (an empty batch, a zero-length past): the other-size check must
+    not index into the empty feed (it crashed with an IndexError)."""
+    model = load_model(write_valid(tmp_path), Config())
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    path = tmp_path / "dyn.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = CliRunner().invoke(cli, ["optimize", str(path), "--input-shape", "x=0x4", "-o", str(tmp_path / "o.onnx"),
+                                      "--budget", "10"])
+    assert result.exit_code == 0, result.stderr
+    out = load_model(tmp_path / "o.onnx", Config())
+    feeds = {"x": np.ones((3, 4), np.float32)}
+    np.testing.assert_allclose(run_model(out, feeds)["y"], run_model(model, feeds)["y"], rtol=1e-6)

@@ -530,22 +530,51 @@ def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------ atomic saving
+def check_writable(target: str | Path, what: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder where a
+    file is wanted (or the reverse), or a folder we may not create files in (probed
+    for real: root ignores permission bits, not read-only mounts or immutable folders).
+    A missing parent is fine (it is created on write) when its nearest existing
+    ancestor is writable."""
+    target = Path(target)
+    if target.is_dir() != directory and target.exists():
+        raise InputError(f"{what} {target}: is {'a file, not a folder' if directory else 'a folder, not a file'}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {target}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".adaptopt-probe.", dir=parent)
+    except OSError as exc:
+        raise InputError(f"{what} {target}: cannot write in {parent}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path in ``target``'s folder; rename it onto ``target`` on success.
 
     On any exception, KeyboardInterrupt and SIGTERM included (``adaptopt.signals``
-    turns it into one), the temp file is removed and ``target`` is untouched.
+    turns it into one), the temp file is removed and ``target`` is untouched. A target
+    that cannot be created or replaced is bad input (one line, exit 2), not a crash.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {exc.strerror}") from None
     tmp_path = Path(tmp)
     os.close(fd)
     try:
         yield tmp_path
         os.chmod(tmp_path, _file_mode(target))  # mkstemp makes 0600; the result gets a normal file's mode
-        os.replace(tmp_path, target)
+        try:
+            os.replace(tmp_path, target)
+        except OSError as exc:  # e.g. the target is a folder
+            raise InputError(f"cannot write {target}: {exc.strerror}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
