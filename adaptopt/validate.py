@@ -6,6 +6,11 @@ unless the output is negligible (max |a| <= ``exact_tolerance``): a small absolu
 error on a small-valued output can still point it somewhere else entirely. Lossy mode (a budget > 0): every output's
 cosine similarity with the reference must be >= the budget. Non-finite values must
 match position for position in both modes.
+
+Integer and bool outputs (class ids, token ids, TopK indices, masks) are not
+approximations: in exact mode they must be equal; with a budget, the fraction of
+elements equal to the reference must be >= the budget (it stands in for the cosine,
+which says nothing about indices: a flipped class id barely moves it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class OutputDiff:
     shape_ok: bool
     finite_ok: bool
     scale: float = 1.0  # max |reference|
+    discrete: bool = False  # integer / bool output: ``cosine`` is the fraction of equal elements
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ def diff_output(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDiff:
         return OutputDiff(name, 0.0 if same else math.inf, 0.0 if same else math.inf, 1.0 if same else 0.0, True, True)
     if ref.size == 0:
         return OutputDiff(name, 0.0, 0.0, 1.0, True, True)
+    if ref.dtype.kind in "iub" and got.dtype.kind in "iub":
+        equal = ref == got
+        diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64))))
+        magnitude = float(np.max(np.abs(ref.astype(np.float64))))
+        return OutputDiff(name, diff, diff / max(1.0, magnitude), float(np.mean(equal)), True, True, magnitude,
+                          discrete=True)
     r = ref.astype(np.float64)
     g = got.astype(np.float64)
     finite_r, finite_g = np.isfinite(r), np.isfinite(g)
@@ -98,12 +110,15 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
         mode, threshold = "budget", budget
         failing = [d for d in diffs if d.cosine < budget]
         if failing:
-            reason = f"cosine {failing[0].cosine:.6f} < {budget} on '{failing[0].name}'"
+            what = "elements equal" if failing[0].discrete else "cosine"
+            reason = f"{what} {failing[0].cosine:.6f} < {budget} on '{failing[0].name}'"
     else:
         mode, threshold = "exact", exact_tolerance
-        failing = [d for d in diffs if d.relative_diff > exact_tolerance]
+        failing = [d for d in diffs if d.relative_diff > exact_tolerance or (d.discrete and d.cosine < 1.0)]
         turned = [d for d in diffs if d.cosine < EXACT_MIN_COSINE and d.scale > exact_tolerance]
-        if failing:
+        if failing and failing[0].discrete:
+            reason = f"{1 - failing[0].cosine:.3g} of the elements differ on '{failing[0].name}' (integer output)"
+        elif failing:
             reason = f"relative diff {failing[0].relative_diff:.3g} > {exact_tolerance} on '{failing[0].name}'"
         elif turned:
             reason = f"cosine {turned[0].cosine:.6f} < {EXACT_MIN_COSINE} on '{turned[0].name}' (small values, new direction)"

@@ -182,6 +182,28 @@ def test_exact_validation_refuses_a_new_direction_on_small_outputs():
     assert compare(ref, {"y": ref["y"] * (1 + 1e-6)}, 1e-4).ok
     negligible = {"y": np.array([1e-9, -1e-9], np.float32)}
     assert compare(negligible, {"y": -negligible["y"]}, 1e-4).ok  # below the tolerance: nothing to point
+
+
+def test_integer_outputs_are_compared_element_by_element():
+    """Class and token ids are not approximations: a flipped id fails the exact check even
+    among large ids (a relative 1e-4 would pass 50000 vs 50001), and with a budget the
+    share of equal elements must reach it (the cosine of ids barely moves on a flip)."""
+    import numpy as np
+    from adaptopt.validate import compare
+    ids = {"ids": np.arange(50000, 51000, dtype=np.int64)}
+    flipped = ids["ids"].copy()
+    flipped[7] += 1
+    exact = compare(ids, {"ids": flipped}, 1e-4)
+    assert not exact.ok and "integer output" in exact.reason
+    assert compare(ids, {"ids": flipped}, 1e-4, budget=0.999).ok  # 999 of 1000 equal
+    assert not compare(ids, {"ids": flipped}, 1e-4, budget=0.9999).ok
+    top1 = {"cls": np.array([3], np.int64)}
+    lossy = compare(top1, {"cls": np.array([4], np.int64)}, 1e-4, budget=0.99)
+    assert not lossy.ok and "elements equal" in lossy.reason
+    mask = {"m": np.array([True, False, True])}
+    assert compare(mask, {"m": mask["m"].copy()}, 1e-4).ok
+
+
 def test_unvisited_pairs_back_off_to_similar_states_and_survive_the_file(tmp_path):
     table = QTable(initial=0.1)
     table.update("s|compute|conv|p1|none", "fuse", 0.4, None, (), 1.0, 0.9)
