@@ -67,10 +67,10 @@ class BufferPass(Pass):
 
 BUFFER_PASSES = (
     BufferPass("buffers_no_arena", {"enable_cpu_mem_arena": False},
-               "ORT session setting in the model: CPU memory arena off"),
+               "opt-in; ORT session setting in the model (set it on SessionOptions too): CPU memory arena off"),
     BufferPass("buffers_no_pattern", {"enable_mem_pattern": False},
-               "ORT session setting in the model: memory pattern planning off"),
+               "opt-in; ORT session setting in the model (set it on SessionOptions too): memory pattern off"),
     BufferPass("buffers_low_memory", {"enable_cpu_mem_arena": False, "enable_mem_pattern": False,
                                       "enable_mem_reuse": True},
-               "ORT session settings in the model: arena and memory pattern off, buffer reuse on"),
+               "opt-in; ORT session settings in the model (set them on SessionOptions too): arena and memory pattern off"),
 )
