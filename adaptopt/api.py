@@ -10,7 +10,13 @@ import onnx
 from adaptopt.config import Config
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
-from adaptopt.graph.io import atomic_directory, dynamic_inputs, load_model, save_model
+from adaptopt.graph.io import (
+    atomic_directory,
+    dynamic_inputs,
+    load_model,
+    load_model_and_signature,
+    save_model,
+)
 from adaptopt.graph.merge import merge_directory
 from adaptopt.graph.partition import PartitionTree, partition
 from adaptopt.graph.subgraph import write_tree
@@ -38,12 +44,16 @@ def try_make_inputs(model: onnx.ModelProto, config: Config) -> dict | None:
 
 def split(source: str | Path, directory: str | Path, config: Config | None = None,
           granularity: int | None = None) -> SplitResult:
-    """Split a model into one standalone ONNX file per tree node plus ``manifest.json``."""
+    """Split a model into one standalone ONNX file per tree node plus ``manifest.json``.
+
+    The files are cut at the config's input shapes; the root file, from which ``merge``
+    takes the merged model's signature, keeps the model's own (dynamic dims stay dynamic)."""
     config = config or Config()
-    model = load_model(source, config)
+    model, signature = load_model_and_signature(source, config)
     tree = build_tree(model, config, granularity)
     with atomic_directory(directory) as staging:  # all files or none (issue 7)
-        manifest = write_tree(tree, staging, source=str(source), feeds=try_make_inputs(model, config))
+        manifest = write_tree(tree, staging, source=str(source), feeds=try_make_inputs(model, config),
+                              signature=signature)
     return SplitResult(tree, manifest, Path(directory))
 
 
@@ -162,7 +172,7 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
                               allow_slower, progress, log)
     result = optimize_model(model, skeleton, config, options)
     if keep_subgraphs is not None and result.tree is not None:
-        write_optimized_tree(result, keep_subgraphs, str(source))
+        write_optimized_tree(result, keep_subgraphs, str(source), signature=skeleton)
     return result
 
 
@@ -208,11 +218,13 @@ def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.Mo
     return infer_shapes(model, name)
 
 
-def write_optimized_tree(result, directory: str | Path, source: str) -> dict:
+def write_optimized_tree(result, directory: str | Path, source: str, signature: onnx.ModelProto | None = None) -> dict:
     """``--keep-subgraphs``: the partition tree with the chosen leaf rewrites in place
-    (all files or none: an interrupted write leaves ``directory`` as it was)."""
+    (all files or none: an interrupted write leaves ``directory`` as it was). ``signature``
+    (the user's model as loaded, dynamic dims kept) is what a merge of the folder gets
+    as inputs and outputs; without it, the pinned work model's."""
     with atomic_directory(Path(directory)) as staging:
-        manifest = write_tree(result.tree, staging, source=source)
+        manifest = write_tree(result.tree, staging, source=source, signature=signature)
         files = {n["id"]: n["file"] for n in manifest["nodes"]}
         for leaf_id, leaf_model in result.leaf_models.items():
             save_model(leaf_model, staging / files[leaf_id])

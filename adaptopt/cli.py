@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from pathlib import Path
 import traceback
-
+from pathlib import Path
 
 import click
 
@@ -197,7 +196,12 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
              input_shapes: tuple[str, ...]) -> None:
     """Optimize MODEL (a path or -): measure each subgraph, keep only rewrites that win."""
     from adaptopt import api
-    from adaptopt.cli_render import optimize_summary, progress_printer, report_format, write_report
+    from adaptopt.cli_render import (
+        optimize_summary,
+        progress_printer,
+        report_format,
+        write_report,
+    )
     from adaptopt.errors import GateNotMet, InputError
     output = output or ("-" if model == "-" else str(Path(model).with_suffix("")) + ".opt.onnx")
     if as_json and output == "-":

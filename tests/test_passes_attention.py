@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from adaptopt.validate import compare
-from tests.test_passes_support import assert_noop, assert_rewrites, const, make_model, outputs, rng_array, tensor
+from tests.test_passes_support import (
+    assert_noop,
+    assert_rewrites,
+    const,
+    make_model,
+    outputs,
+    rng_array,
+    tensor,
+)
 
 HIDDEN, HEADS = 8, 2
 HEAD = HIDDEN // HEADS
@@ -230,9 +238,9 @@ def test_sdpa_checks_a_graph_that_symbolic_shape_inference_cannot_read():
     """After fuse_conv_activation the graph holds com.microsoft.FusedGemm, which ORT's symbolic
     shape inference has no rule for (it raises a bare Exception): fuse_sdpa must still answer
     (nothing to fuse here), not abort the run (it did, on every MLP or U-Net with a Softmax)."""
+    from adaptopt.passes.base import PassContext
     from adaptopt.passes.registry import run_sequence
     from tests.test_passes_support import CPU
-    from adaptopt.passes.base import PassContext
     model = mlp_softmax_model()
     feeds = {"x": rng_array((4, 16), 5)}
     fused, results = run_sequence(model, ["fuse_matmul_add", "fuse_conv_activation"], PassContext(target=CPU))

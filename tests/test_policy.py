@@ -5,15 +5,30 @@ from __future__ import annotations
 import itertools
 import math
 
-
 import pytest
 from click.testing import CliRunner
 
 from adaptopt.errors import InputError
 from adaptopt.policy.qtable import QTable, epsilon_at, q_update
-from adaptopt.policy.search import (Outcome, QSettings, greedy_search, heuristic, oracle, q_learning,
-                                    random_search, reward, RewardWeights)
-from adaptopt.policy.state import STOP, State, dominant_family, encode, performance_bucket, size_bucket
+from adaptopt.policy.search import (
+    Outcome,
+    QSettings,
+    RewardWeights,
+    greedy_search,
+    heuristic,
+    oracle,
+    q_learning,
+    random_search,
+    reward,
+)
+from adaptopt.policy.state import (
+    STOP,
+    State,
+    dominant_family,
+    encode,
+    performance_bucket,
+    size_bucket,
+)
 
 
 class SyntheticEnv:
@@ -175,6 +190,7 @@ def test_policy_show_cli(tmp_path):
 def test_exact_validation_refuses_a_new_direction_on_small_outputs():
     """Small-valued outputs: a tiny absolute error can still change the output's direction."""
     import numpy as np
+
     from adaptopt.validate import compare
     ref = {"y": np.array([2e-4, 0.0], np.float32)}
     turned = compare(ref, {"y": np.array([1.2e-4, 0.9e-4], np.float32)}, 1e-4)  # each error < 1e-4
@@ -189,6 +205,7 @@ def test_integer_outputs_are_compared_element_by_element():
     among large ids (a relative 1e-4 would pass 50000 vs 50001), and with a budget the
     share of equal elements must reach it (the cosine of ids barely moves on a flip)."""
     import numpy as np
+
     from adaptopt.validate import compare
     ids = {"ids": np.arange(50000, 51000, dtype=np.int64)}
     flipped = ids["ids"].copy()

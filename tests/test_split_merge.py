@@ -377,3 +377,156 @@ def test_weights_file_replaced_during_merge_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(merge_mod, "check_model", replace_meanwhile)
     with pytest.raises(InputError, match="changed while the leaves were merged"):
         merge_directory(out)
+
+
+# ------------------------------------------------------------------ dynamic dims: split and merged at pinned sizes
+def _dynamic_mlp(dims: list, seed: int = 0) -> onnx.ModelProto:
+    """A 6-layer MLP on input ``x`` of shape ``dims`` (last dim 16, the others symbolic) whose
+    output reshapes the last dim to 4x4 with a shape read at run time (Shape -> Slice -> Concat):
+    a merged model that kept the shapes inferred at the pinned sizes fails or folds that shape."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i in range(6):
+        inits += [numpy_helper.from_array((rng.standard_normal((16, 16)) / 4).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) / 4, f"b{i}")]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    lead = len(dims) - 1
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("zero", [0]), ("lead", [lead]), ("tail", [4, 4]))]
+    nodes += [helper.make_node("Shape", [prev], ["shape"]),
+              helper.make_node("Slice", ["shape", "zero", "lead"], ["outer"]),
+              helper.make_node("Concat", ["outer", "tail"], ["target"], axis=0),
+              helper.make_node("Reshape", [prev, "target"], ["y"])]
+    graph = helper.make_graph(nodes, "dynamic_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims[:-1] + [4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+DYNAMIC_CASES = [(["batch", 16], (4, 16), [(3, 16), (1, 16), (7, 16)]),
+                 (["batch", "sequence", 16], (2, 8, 16), [(3, 5, 16), (1, 8, 16), (2, 11, 16)])]
+
+
+def _assert_runs_like(original: onnx.ModelProto, merged: onnx.ModelProto, shapes) -> None:
+    """``merged`` gives ``original``'s outputs (within 1e-5) at every shape of ``shapes``, with
+    ORT's optimizations off and on (on, ORT would fold a Shape to a pinned value info)."""
+    rng = np.random.default_rng(1)
+    for shape in shapes:
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        ref = run_model(original, feeds)
+        for level in ("disable", "all"):
+            got = run_model(merged, feeds, level=level)
+            assert got["y"].shape == ref["y"].shape == tuple(shape[:-1]) + (4, 4)
+            np.testing.assert_allclose(got["y"], ref["y"], atol=1e-5, err_msg=f"{shape} {level}")
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("dims,pinned,others", DYNAMIC_CASES)
+def test_split_at_pinned_shape_merges_with_dynamic_signature(tmp_path, dims, pinned, others):
+    """Split at the config's sizes, merged back: the model's own signature, usable at any size."""
+    original = _dynamic_mlp(dims)
+    save_model(original, tmp_path / "m.onnx")
+    config = Config(inputs={"x": InputSpec(shape=pinned)}).with_section("granularity", min_nodes=1)
+    manifest = api.split(tmp_path / "m.onnx", tmp_path / "split", config, 3).manifest
+    assert len(manifest["leaves"]) > 2
+    leaf = onnx.load(str(tmp_path / "split" / f"sg_{manifest['leaves'][0]}.onnx"))
+    assert _dims(leaf.graph.input[0]) == list(pinned)  # the leaves are cut (and profiled) at the pinned sizes
+    merged = api.merge(tmp_path / "split", tmp_path / "merged.onnx")
+    assert _dims(merged.graph.input[0]) == dims and _dims(merged.graph.output[0]) == dims[:-1] + [4, 4]
+    assert len(merged.graph.value_info) == 0  # inferred at the pinned sizes: dropped
+    _assert_runs_like(original, onnx.load(str(tmp_path / "merged.onnx")), [pinned, *others])
+    # the root file is the whole model on the same signature
+    root = onnx.load(str(tmp_path / "split" / f"sg_{manifest['root']}.onnx"))
+    assert _dims(root.graph.input[0]) == dims and len(root.graph.value_info) == 0
+    _assert_runs_like(original, root, [pinned, others[0]])
+
+
+@pytest.mark.parametrize("from_stdin", [False, True])
+def test_cli_split_merge_keeps_dynamic_dims(tmp_path, from_stdin):
+    """From a file or from stdin, the signature is the model's own, taken before it is pinned."""
+    original = _dynamic_mlp(["batch", 16])
+    save_model(original, tmp_path / "m.onnx")
+    runner = CliRunner()
+    source = "-" if from_stdin else str(tmp_path / "m.onnx")
+    result = runner.invoke(cli, ["split", source, "-o", str(tmp_path / "s"), "--input-shape", "x=4x16",
+                                 "--granularity", "2"], input=(tmp_path / "m.onnx").read_bytes())
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["merge", str(tmp_path / "s"), "-o", str(tmp_path / "merged.onnx")])
+    assert result.exit_code == 0, result.output
+    merged = onnx.load(str(tmp_path / "merged.onnx"))
+    assert _dims(merged.graph.input[0]) == ["batch", 16]
+    _assert_runs_like(original, merged, [(4, 16), (3, 16)])
+
+
+def test_folder_without_signature_still_merges_pinned(tmp_path):
+    """A folder written as before (root file on the pinned work model) merges as it did."""
+    original = _dynamic_mlp(["batch", 16])
+    save_model(original, tmp_path / "m.onnx")
+    config = Config(inputs={"x": InputSpec(shape=(4, 16))}).with_section("granularity", min_nodes=1)
+    tree = api.build_tree(load_model(tmp_path / "m.onnx", config), config, 2)
+    write_tree(tree, tmp_path / "s")
+    merged = merge_directory(tmp_path / "s")
+    assert _dims(merged.graph.input[0]) == [4, 16] and len(merged.graph.value_info) > 0
+    _assert_runs_like(original, merged, [(4, 16)])
+
+
+def test_static_signature_keeps_value_info(tmp_path, resnet_model):
+    """Only a dynamic signature drops the leaves' value infos."""
+    save_model(resnet_model, tmp_path / "m.onnx")
+    api.split(tmp_path / "m.onnx", tmp_path / "s", Config(), 2)
+    merged = api.merge(tmp_path / "s")
+    assert len(merged.graph.value_info) > 0
+
+
+@pytest.mark.parametrize("dims,pinned,others", DYNAMIC_CASES[:1])
+def test_keep_subgraphs_merges_with_dynamic_signature(tmp_path, dims, pinned, others):
+    """``optimize --keep-subgraphs DIR`` then ``merge DIR``: the user's signature, as the optimized model has."""
+    from adaptopt.config import ProfilingConfig
+    original = _dynamic_mlp(dims)
+    save_model(original, tmp_path / "m.onnx")
+    config = Config(inputs={"x": InputSpec(shape=pinned)},
+                    granularity=Config().granularity.__class__(initial_granularity=1, min_nodes=3, max_rounds=1),
+                    profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2),
+                    policy=Config().policy.__class__(RL_training_epochs=2, max_sequence=2,
+                                                     cache_dir=str(tmp_path / "cache")))
+    result = api.optimize(tmp_path / "m.onnx", config, keep_subgraphs=tmp_path / "kept")
+    assert _dims(result.model.graph.input[0]) == dims
+    merged = api.merge(tmp_path / "kept")
+    assert _dims(merged.graph.input[0]) == dims and _dims(merged.graph.output[0]) == dims[:-1] + [4, 4]
+    assert len(merged.graph.value_info) == 0
+    _assert_runs_like(original, merged, [pinned, *others])
+
+
+def test_kept_rewritten_leaves_merge_with_dynamic_signature(tmp_path):
+    """The files ``--keep-subgraphs`` writes, with leaves rewritten at the pinned sizes (MatMul+Add
+    fused into Gemm, pinned leaf inputs): merged on the user's signature, they run at other sizes."""
+    from types import SimpleNamespace
+
+    from adaptopt.graph.subgraph import extract
+    original = _dynamic_mlp(["batch", 16])
+    save_model(original, tmp_path / "m.onnx")
+    config = Config(inputs={"x": InputSpec(shape=(4, 16))}).with_section("granularity", min_nodes=1)
+    skeleton = load_model(tmp_path / "m.onnx", infer=False)
+    tree = api.build_tree(load_model(tmp_path / "m.onnx", config), config, 2)
+    rewrites = {leaf.id: api.apply_passes(extract(tree.index, leaf), ["fuse_matmul_add"], config).model
+                for leaf in tree.leaves()}
+    assert sum(n.op_type == "Gemm" for m in rewrites.values() for n in m.graph.node) >= 4
+    api.write_optimized_tree(SimpleNamespace(tree=tree, leaf_models=rewrites), tmp_path / "kept", "m.onnx",
+                             signature=skeleton)
+    merged = api.merge(tmp_path / "kept")
+    assert sum(n.op_type == "Gemm" for n in merged.graph.node) >= 4
+    assert _dims(merged.graph.input[0]) == ["batch", 16] and len(merged.graph.value_info) == 0
+    _assert_runs_like(original, merged, [(4, 16), (3, 16), (9, 16)])
+
+
+def test_split_refuses_bad_file_in_one_line(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x07not a model")
+    result = CliRunner().invoke(cli, ["split", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "s"),
+                                      "--input-shape", "x=4x16"])
+    assert result.exit_code == 2 and "bad.onnx" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()

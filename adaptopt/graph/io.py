@@ -50,6 +50,7 @@ from adaptopt.graph.external import (  # some re-exported for the graph modules
     all_tensors,
     attach_external_data,
     byte_size,
+    copy_fields,
     external_info,
     has_unknown_fields,
     inference_pieces,
@@ -318,6 +319,14 @@ def load_model(source: str | Path, config: Config | None = None, *, infer: bool 
     last, after the checker and shape inference, which only see light copies
     (:class:`_Deferred`): they are never in memory beside those copies.
     """
+    return load_model_and_signature(source, config, infer=infer)[0]
+
+
+def load_model_and_signature(source: str | Path, config: Config | None = None, *, infer: bool = True
+                             ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """:func:`load_model`, and the model's own signature (:func:`signature_model`, taken
+    before the config pins its dims): what a split's root file keeps, so a merge gets
+    the user's dynamic dims back. No second copy of the weights is made."""
     model, path, deferred = _parse(source, None, defer=True)
     name = "<stdin>" if path is None else str(path)
     check_opsets(model, name)
@@ -329,13 +338,27 @@ def load_model(source: str | Path, config: Config | None = None, *, infer: bool 
     # IR < 4 requires every initializer to be a graph input too; subgraphs and merged
     # models list only real inputs, which IR 4 allows with the same meaning.
     model.ir_version = max(model.ir_version, 4)
+    signature = signature_model(model)
     if config is not None and config.inputs:
         model = pin_input_shapes(model, config.inputs, name)
     if infer:
         model = infer_shapes(model, name)
     if deferred is not None:
         deferred.fill(model, name)
-    return model
+    return model, signature
+
+
+def signature_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its nodes, weights, value infos and functions: its inputs (those that
+    are not initializers), outputs, names and metadata. Light enough to hold beside a
+    pinned copy of the model."""
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip=("graph", "functions"))
+    copy_fields(model.graph, out.graph, skip=("node", "initializer", "sparse_initializer", "input",
+                                              "value_info", "quantization_annotation"))
+    init_names = {i.name for i in model.graph.initializer}
+    out.graph.input.extend(i for i in model.graph.input if i.name not in init_names)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

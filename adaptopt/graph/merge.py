@@ -6,7 +6,9 @@ Initializers are deduplicated by name and content; names internal to a leaf (not
 its boundary) that collide with another leaf's are renamed, so a leaf rewritten by a
 pass can introduce any names it likes. Opset imports and custom domains are unioned;
 the default-domain opset must agree, because raising it would change the meaning of
-ops in the other leaves.
+ops in the other leaves. On a skeleton with dynamic input dims the merged model has no
+value infos: the leaves' were inferred at the sizes they were profiled at, and ONNX
+Runtime would hold the model to them (a ``Shape`` folded to the profiled size).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from adaptopt.graph.index import has_type
 from adaptopt.graph.io import (
     attach_external_data,
     check_model,
+    dynamic_inputs,
     length_field,
     parse_model,
 )
@@ -59,9 +62,10 @@ def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, di
     """``merge_models`` of (leaf, :func:`_leaf_refs`) pairs, but its value infos are returned as
     serialized graph fields, for :func:`_add_value_info` (a fifth of the merged graph's memory,
     which the checker never reads), and weights read from a data file may stay there until
-    ``weights.fill`` (:class:`_Weights`)."""
+    ``weights.fill`` (:class:`_Weights`). No value info is kept on a dynamic signature."""
     model = onnx.ModelProto()
     graph = model.graph
+    keep_value_info = not dynamic_inputs(skeleton)
     io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
     taken: set[str] = {i.name for i in skeleton.graph.input}
     node_names: set[str] = set()
@@ -92,7 +96,8 @@ def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, di
             new.name = _unique(new.name or new.op_type, node_names, name_counters)
             node_names.add(new.name)
             taken.update(o for o in new.output if o)
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
+        typed = (list(g.input) + list(g.output) + list(g.value_info)) if keep_value_info else []
+        for vi in typed:
             name = renames.get(vi.name, vi.name)
             if name not in value_info and name not in initializers and name not in io_names and has_type(vi):
                 if name != vi.name:

@@ -23,6 +23,7 @@ from adaptopt.graph.io import (
     _raw_bytes,
     _set_external,
     atomic_path,
+    dynamic_inputs,
     write_pieces,
 )
 from adaptopt.graph.partition import PartitionTree, Subgraph
@@ -88,18 +89,19 @@ def _range_head(index: GraphIndex, start: int, stop: int, name: str) -> tuple[on
 
 
 def _range_pieces(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
-                  stubs: dict[str, bytes], sizes: _Sizes) -> ModelPieces:
+                  stubs: dict[str, bytes], sizes: _Sizes, value_info: bool = True) -> ModelPieces:
     """``_range_model`` as pieces: written, the same bytes, but no node, weight or value info is
     copied (the root file holds every node). ``stubs`` caches serialized external stubs, which
     a tree's files share; ``sizes`` the serialized sizes of nodes and value infos, which are the
-    same in every file. ``.model`` is the head, which the caller may still edit."""
+    same in every file. Without ``value_info`` the file has none (a root file on a dynamic
+    signature). ``.model`` is the head, which the caller may still edit."""
     model, inits = _range_head(index, start, stop, name)
     for n in inits:
         if n in weight_refs and n not in stubs:
             stubs[n] = external_stub(index.initializers[n], weight_refs[n]).SerializeToString()
     return ModelPieces(model, node=_Span(index.nodes, start, stop, sizes.nodes),
                        initializer=[stubs[n] if n in stubs else index.initializers[n] for n in inits],
-                       value_info=_internal_value_info(index, start, stop, sizes.value_infos))
+                       value_info=_internal_value_info(index, start, stop, sizes.value_infos) if value_info else [])
 
 
 class _Sizes:
@@ -238,11 +240,21 @@ def write_weights(index: GraphIndex, directory: Path, file_name: str = "weights.
 
 
 def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
-               feeds: Mapping[str, np.ndarray] | None = None) -> dict:
-    """Write one ONNX file per tree node plus ``manifest.json``; return the manifest."""
+               feeds: Mapping[str, np.ndarray] | None = None, signature: onnx.ModelProto | None = None) -> dict:
+    """Write one ONNX file per tree node plus ``manifest.json``; return the manifest.
+
+    The root file is the whole model, and ``merge`` takes the merged model's inputs and
+    outputs from it: it gets ``signature``'s (the user's model as given, dynamic dims kept:
+    a full model or :func:`adaptopt.graph.io.signature_model`), else those of the tree's
+    model, whose dims may be pinned to the profiled sizes. On a dynamic signature the root file has no value
+    infos, which were inferred at the pinned sizes and would constrain it at others. The
+    other files keep the tree's (pinned) boundary shapes: each is profiled at those sizes.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     index = tree.index
+    signature = index.model if signature is None else signature
+    root_value_info = not dynamic_inputs(signature)
     fill_missing_types(index, [n for s in tree.nodes.values() for n in s.boundary_inputs + s.boundary_outputs], feeds)
     refs = write_weights(index, directory)
     stubs: dict[str, bytes] = {}  # each weight's external stub is made once, not once per file
@@ -250,9 +262,11 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
     entries = []
     for sub in sorted(tree.nodes.values(), key=lambda s: (s.depth, s.start)):
         file_name = f"sg_{sub.id}.onnx"
-        pieces = _range_pieces(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs, sizes)
-        if sub.id == tree.root:
-            _keep_original_signature(pieces.model, index.model)
+        root = sub.id == tree.root
+        pieces = _range_pieces(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs, sizes,
+                               value_info=root_value_info or not root)
+        if root:
+            _keep_original_signature(pieces.model, signature)
         with atomic_path(directory / file_name) as tmp:
             write_pieces(tmp, pieces)
         entries.append(manifest_entry(sub, file_name))
@@ -276,7 +290,7 @@ def manifest_entry(sub: Subgraph, file_name: str) -> dict:
 
 
 def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """The root file is the whole model: keep its exact inputs, outputs and metadata."""
+    """The root file is the whole model: keep ``original``'s exact inputs, outputs and metadata."""
     init_names = {i.name for i in original.graph.initializer}
     del model.graph.input[:]
     model.graph.input.extend(i for i in original.graph.input if i.name not in init_names)
