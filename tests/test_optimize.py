@@ -106,11 +106,24 @@ def test_lossy_passes_only_with_budget(tmp_path, bert_model, fast_config):
     (10.0, 9.95, 10.0, False, False, False),  # 1.005x: below the 1% floor, not worth a re-time
     (10.0, 12.0, 10.1, False, True, False),  # 0.83x: slower
     (10.0, 10.2, 10.3, False, False, False),  # 0.98x inside the band: neither
+    (10.0, 9.78, 10.02, False, False, False),  # 1.022x, A/A 0.2%: beyond the noise, below the 3% to write a model
 ])
 def test_side_by_side_verdicts(original, candidate, aa, significant, slower, inconclusive):
     from adaptopt.adapt.verify import SideBySide
     side = SideBySide(original, candidate, aa, 15)
     assert (side.significant(), side.slower(), side.inconclusive()) == (significant, slower, inconclusive)
+
+
+def test_a_re_timing_pools_its_rounds_with_the_run_it_settles(resnet_model, fast_config):
+    """Re-timing an inconclusive gain until one run says "faster" would accept noise: the
+    longer run adds its samples to the first one's, and the verdict rests on all of them."""
+    from adaptopt.adapt.verify import side_by_side
+    feeds = make_inputs(resnet_model, fast_config)
+    first = side_by_side(resnet_model, resnet_model, feeds, fast_config.target, rounds=3)
+    pooled = side_by_side(resnet_model, resnet_model, feeds, fast_config.target, rounds=4, earlier=first)
+    assert pooled.rounds == 7
+    assert all(len(pooled.samples[k]) == len(first.samples[k]) + 4 * 3 for k in ("original", "aa", "candidate"))
+    assert pooled.samples["original"][:len(first.samples["original"])] == first.samples["original"]
 
 
 def test_cli_json_report_gate_and_policy(tmp_path, resnet_model):

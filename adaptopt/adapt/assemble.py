@@ -333,14 +333,16 @@ MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was di
 
 def steady_side_by_side(original, candidate, feeds, target, rounds: int = 15, retries: int = 2,
                         settle_gains: bool = True) -> SideBySide:
-    """Side by side, re-timed with more rounds while the A/A pair disagrees implausibly or
-    (``settle_gains``) the result is inconclusive (a gain the A/A noise hides): a longer
-    run settles it."""
+    """Side by side, re-timed with more rounds while the A/A pair disagrees implausibly (a
+    disturbed run: replaced) or (``settle_gains``) the result is inconclusive (a gain the
+    A/A noise hides: the longer run is pooled with it, so the verdict rests on all rounds)."""
     side = side_by_side(original, candidate, feeds, target, rounds=rounds)
     for attempt in range(retries):
-        if side.noise <= MAX_AA_NOISE and not (settle_gains and side.inconclusive()):
+        disturbed = side.noise > MAX_AA_NOISE
+        if not disturbed and not (settle_gains and side.inconclusive()):
             break
-        side = side_by_side(original, candidate, feeds, target, rounds=rounds * (attempt + 2))
+        side = side_by_side(original, candidate, feeds, target, rounds=rounds * (attempt + 2),
+                            earlier=None if disturbed else side)
     return side
 
 

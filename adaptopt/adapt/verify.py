@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -34,6 +34,8 @@ class SideBySide:
     candidate_ms: float
     aa_ms: float  # the original again, in its own session
     rounds: int
+    # the latencies behind the medians ("original", "aa", "candidate"), for pooling a re-timing
+    samples: Mapping[str, list[float]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def speedup(self) -> float:
@@ -66,6 +68,14 @@ def interleaved_medians(models: Mapping[str, onnx.ModelProto | bytes | str], fee
                         target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
                         max_seconds: float = 60.0) -> dict[str, float]:
     """Median latency (ms) of each model, timed round-robin so drift hits all alike."""
+    samples = interleaved_samples(models, feeds, target, rounds, runs_per_round, max_seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(models: Mapping[str, onnx.ModelProto | bytes | str], feeds: Mapping[str, np.ndarray],
+                        target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
+                        max_seconds: float = 60.0) -> dict[str, list[float]]:
+    """Every latency (ms) of each model, timed round-robin (see :func:`interleaved_medians`)."""
     sessions = {name: make_session(m, target, level="all") for name, m in models.items()}
     inputs = {name: {i.name: feeds[i.name] for i in s.get_inputs()} for name, s in sessions.items()}
     for name, session in sessions.items():  # warm-up
@@ -82,11 +92,19 @@ def interleaved_medians(models: Mapping[str, onnx.ModelProto | bytes | str], fee
                 samples[name].append((time.perf_counter() - start) * 1e3)
         if time.perf_counter() > deadline and r >= 2:
             break
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def side_by_side(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-                 target: TargetConfig, rounds: int = 15, max_seconds: float = 60.0) -> SideBySide:
-    medians = interleaved_medians({"original": original, "aa": original, "candidate": candidate}, feeds, target,
+                 target: TargetConfig, rounds: int = 15, max_seconds: float = 60.0,
+                 earlier: SideBySide | None = None) -> SideBySide:
+    """Original, an A/A copy and the candidate, interleaved. ``earlier``: a run of the same
+    pair whose samples are pooled with this one's (re-timing an inconclusive gain must add
+    evidence, not replace it: re-timing until one run says "faster" accepts noise)."""
+    samples = interleaved_samples({"original": original, "aa": original, "candidate": candidate}, feeds, target,
                                   rounds=rounds, max_seconds=max_seconds)
-    return SideBySide(medians["original"], medians["candidate"], medians["aa"], rounds)
+    if earlier is not None and earlier.samples:
+        samples = {name: list(earlier.samples[name]) + values for name, values in samples.items()}
+        rounds += earlier.rounds
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return SideBySide(medians["original"], medians["candidate"], medians["aa"], rounds, samples)
