@@ -477,6 +477,30 @@ def test_sequences_reaching_the_same_graph_are_measured_once(resnet_model, fast_
     ctx.measurer.close()
 
 
+def test_rewritten_leaves_held_in_memory_stay_within_a_byte_budget(resnet_model, fast_config):
+    """Each rewritten model holds a copy of the leaf's weights: past the byte budget the
+    oldest are dropped (one always stays), and asking for one again replays its passes
+    into the same graph."""
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.environment import model_digest
+    from adaptopt.adapt.loop import prepare_run
+    from adaptopt.graph.index import GraphIndex
+    from adaptopt.graph.partition import partition
+    model = api.pinned_copy(resnet_model, fast_config, "resnet")
+    feeds = make_inputs(model, fast_config)
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, fast_config, 0.0, cache=MeasurementCache(None, "test"))
+    env = ctx.env_for(partition(index, 0, 3).leaves()[0])
+    env.max_cached_bytes = 1  # smaller than any model: only the newest is kept
+    first = model_digest(env.step(("fuse_conv_bn",)).model)
+    env.step(("eliminate_identity",))
+    env.step(("fuse_conv_bn", "fuse_conv_activation"))
+    held = [seq for seq, st in env._steps.items() if seq and st.model is not None]
+    assert held == [("fuse_conv_bn", "fuse_conv_activation")]
+    assert model_digest(env.step(("fuse_conv_bn",)).model) == first  # replayed
+    ctx.measurer.close()
+
+
 def test_pre_pass_drops_a_refused_step_and_runs_the_next_passes_without_it():
     """The pre-pass judges every step against the model before it (in a run: checked and
     timed); a refused step is recorded and the following passes run on the model before it."""

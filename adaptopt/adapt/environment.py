@@ -93,6 +93,7 @@ class SubgraphEnv:
     pass_errors: list[str] = field(default_factory=list)
 
     max_cached_models: int = 8  # rewritten models kept in memory (each holds the leaf's weights)
+    max_cached_bytes: int = 256 << 20  # and at most this much of them (one is always kept)
 
     def __post_init__(self) -> None:
         self._steps[()] = Step(self.model)
@@ -168,7 +169,9 @@ class SubgraphEnv:
         """The model after ``sequence``; model None when a pass failed.
 
         Memoised by prefix, but only the ``max_cached_models`` most recent rewritten
-        models stay in memory (each holds a copy of the leaf's weights); an evicted
+        models, and no more than ``max_cached_bytes`` of them, stay in memory (each holds
+        a copy of the leaf's weights: on a big model, eight copies per leaf were most of
+        the run's memory); an evicted
         one is rebuilt by replaying its passes, which are deterministic.
         """
         if sequence in self._steps:
@@ -185,8 +188,12 @@ class SubgraphEnv:
         return result
 
     def _evict(self) -> None:
-        held = [seq for seq, st in self._steps.items() if seq and st.model is not None]
-        for seq in held[:max(0, len(held) - self.max_cached_models)]:
+        held = [seq for seq, st in self._steps.items() if seq and st.model is not None]  # oldest first
+        sizes = {seq: self._steps[seq].model.ByteSize() for seq in held}
+        total = sum(sizes.values())
+        while held and (len(held) > self.max_cached_models or (total > self.max_cached_bytes and len(held) > 1)):
+            seq = held.pop(0)
+            total -= sizes[seq]
             del self._steps[seq]
 
     def _apply(self, parent: Step, name: str) -> Step:
