@@ -258,3 +258,21 @@ def test_starting_table_prefers_the_file_then_the_prior(tmp_path):
     for device, use_prior in (("cpu", False), ("cuda", True)):
         table, origin = starting_table(None, device, use_prior)
         assert not table.values and "cold" in origin
+
+
+def test_a_subgraph_also_tries_the_picks_of_its_look_alikes():
+    """Two look-alike subgraphs: the first found fuse -> quant; the second's search stopped
+    at a worse sequence. It also tries its look-alike's pick (one measurement) and keeps
+    it when faster there too; a subgraph of another kind is not offered it."""
+    from adaptopt.policy.search import _transfer_picks
+    found, stuck, other = SyntheticEnv(), SyntheticEnv(), SyntheticEnv(family="matmul")
+    picks = [(("fuse", "quant"), found.evaluate(("fuse", "quant")), "greedy rollout", ()),
+             (("fold",), stuck.evaluate(("fold",)), "greedy rollout", ()),
+             (("fold",), other.evaluate(("fold",)), "greedy rollout", ())]
+    before = [env.measurements for env in (found, stuck, other)]
+    out = _transfer_picks([found, stuck, other], picks, lambda: False)
+    assert out[1][0] == ("fuse", "quant") and out[1][2] == "the pick of a look-alike subgraph"
+    assert stuck.measurements == before[1] + 1
+    assert out[0][0] == ("fuse", "quant") and found.measurements == before[0] + 1  # tried fold, kept its own
+    assert out[2][0] == ("fold",) and other.measurements == before[2]  # another kind: not offered
+    assert _transfer_picks([found, stuck], picks[:2], lambda: True)[1][0] == ("fold",)  # out of time: no new try

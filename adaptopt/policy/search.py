@@ -160,7 +160,8 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
 
     The table is shared across subgraphs (and across models, via its file). The final
     sequence per subgraph is the greedy rollout, unless a sequence measured during
-    training was faster: then that one is kept and the decision log says so.
+    training was faster, or the pick of a look-alike subgraph (same bound and op family)
+    is faster here too (:func:`_transfer_picks`): the decision log says which.
     """
     rng = random.Random(seed)
     table.initial = settings.optimistic_init
@@ -177,17 +178,52 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
             visited[i].append(seq)
             if progress is not None:
                 progress(epoch * len(envs) + i + 1, settings.epochs * len(envs))
-    results = []
+    picks = []
     for i, env in enumerate(envs):
         # out of time: no new measurements, the best sequence measured so far stands
         rollout = () if should_stop() else greedy_rollout(env, table, settings.max_sequence)
         best, best_out = best_seen(env, [rollout] + visited[i])
         chosen_by = "greedy rollout" if best == rollout and rollout else \
             "best measured during training" if best else "nothing measured beat the original"
+        picks.append((best, best_out, chosen_by, rollout))
+    results = []
+    for i, (env, (best, best_out, chosen_by, rollout)) in enumerate(zip(envs, _transfer_picks(envs, picks,
+                                                                                                should_stop))):
         logs[i].append({"final": list(best), "chosen_by": chosen_by, "rollout": list(rollout)})
         results.append(SearchResult(best, best_out, env.evaluate(()), env.measurements, "q-learning",
                                     curves[i], logs[i]))
     return results
+
+
+def _kind(env: Environment) -> str:
+    """Bound and op family of a subgraph as it starts: which subgraphs look alike."""
+    parts = env.state(()).key.split("|")
+    return "|".join(parts[1:3]) if len(parts) == 5 else env.state(()).key
+
+
+def _applies(env: Environment, sequence: Sequence_) -> bool:
+    return all(action in env.actions(sequence[:k]) for k, action in enumerate(sequence))
+
+
+def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop) -> list[tuple]:
+    """Each subgraph also tries the picks of its look-alikes (one measurement each, the same
+    sequence measured once): the table shares values between similar states, but an
+    episode that exploited one good first step never measured the alternative a
+    look-alike found (on bert_small: static QDQ kept on two leaves, dynamic int8 won on
+    the others and on those two)."""
+    kinds = [_kind(env) for env in envs]
+    out = []
+    for i, env in enumerate(envs):
+        best, best_out, chosen_by, rollout = picks[i]
+        others = dict.fromkeys(p[0] for j, p in enumerate(picks) if j != i and p[0] and kinds[j] == kinds[i])
+        for seq in others:
+            if seq == best or should_stop() or not _applies(env, seq):
+                continue
+            outcome = env.evaluate(seq)
+            if outcome.valid and outcome.time_ms < best_out.time_ms:
+                best, best_out, chosen_by = seq, outcome, "the pick of a look-alike subgraph"
+        out.append((best, best_out, chosen_by, rollout))
+    return out
 
 
 # ---------------------------------------------------------------- baselines
