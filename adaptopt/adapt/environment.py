@@ -91,6 +91,7 @@ class SubgraphEnv:
     noise: float = 0.0  # relative noise band of this subgraph's timing loop (A/A)
     _other_sizes_usable: bool | None = None
     pass_errors: list[str] = field(default_factory=list)
+    blocked: str = ""  # why this subgraph cannot be run alone ("" when it can): every outcome is invalid
 
     max_cached_models: int = 8  # rewritten models kept in memory (each holds the leaf's weights)
     max_cached_bytes: int = 256 << 20  # and at most this much of them (one is always kept)
@@ -134,6 +135,8 @@ class SubgraphEnv:
                       self.op_times_ms)
 
     def evaluate(self, sequence: tuple[str, ...]) -> Outcome:
+        if self.blocked:
+            return Outcome(math.inf, False, 0.0, self.blocked)
         if sequence in self._outcomes:
             return self._outcomes[sequence]
         graph = self._graph_key(sequence)

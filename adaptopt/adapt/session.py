@@ -171,8 +171,10 @@ class RunContext:
         self.ensure_captured(list(sub.boundary_inputs) + list(sub.boundary_outputs))
         fill_missing_types(self.index, list(sub.boundary_inputs) + list(sub.boundary_outputs), self.feeds)
         model = materialize_weights(extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}"))
-        feeds = {n: self.values[n] for n in sub.boundary_inputs}
-        reference = {n: self.values[n] for n in sub.boundary_outputs}
+        names = list(sub.boundary_inputs) + list(sub.boundary_outputs)
+        unread = [n for n in names if n not in self.values and n not in self.index.initializers]
+        feeds = {n: self.values[n] for n in sub.boundary_inputs if n in self.values}
+        reference = {n: self.values[n] for n in sub.boundary_outputs if n in self.values}
         ctx = PassContext(target=self.config.target, feeds=feeds, accuracy_budget=self.accuracy_budget,
                           seed=self.config.policy.seed)
         op_times: dict[str, float] = {}
@@ -181,10 +183,13 @@ class RunContext:
                 op_type = self.index.nodes[sub.start + offset].op_type
                 op_times[op_type] = op_times.get(op_type, 0.0) + self.node_times_ms[name]
         other_feeds, other_reference = self._other_boundary(sub)
-        return SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
-                           self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
-                                                                      self.accuracy_budget),
-                           self.classify, op_times or None, other_feeds, other_reference)
+        env = SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
+                          self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
+                                                                     self.accuracy_budget),
+                          self.classify, op_times or None, other_feeds, other_reference)
+        if unread:  # a boundary tensor numpy cannot hold (capture.NO_NUMPY_TYPES): the leaf stays as it is
+            env.blocked = f"boundary tensor '{unread[0]}' has a type numpy cannot hold: not run alone"
+        return env
 
 
 MATERIALIZE_LIMIT = 1 << 30  # a leaf whose on-disk weights are smaller is given real tensors

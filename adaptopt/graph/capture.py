@@ -105,14 +105,39 @@ def _load_npz(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
     return feeds
 
 
+# element types ONNX Runtime cannot hand to numpy (bfloat16, float8, 4-bit): no tensor of
+# these can be captured, so no boundary or output of these can be checked
+NO_NUMPY_TYPES = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+                  onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ,
+                  *(getattr(onnx.TensorProto, t) for t in ("UINT4", "INT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t))}
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed tensor of the graph (inputs, outputs, value infos)."""
+    return {vi.name: vi.type.tensor_type.elem_type
+            for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+            if vi.type.HasField("tensor_type")}
+
+
 def capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: Iterable[str],
             target: TargetConfig | None = None) -> dict[str, np.ndarray]:
-    """Run ``model`` once and return the graph outputs and the named intermediate tensors."""
+    """Run ``model`` once and return the graph outputs and the named intermediate tensors.
+
+    Intermediate tensors of a type numpy cannot hold (:data:`NO_NUMPY_TYPES`) are left out
+    (a subgraph bordering one cannot be run alone and is kept as it is); a graph output
+    of such a type is bad input: nothing could check the model's results."""
     target = target or TargetConfig()
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    wanted = [t for t in dict.fromkeys(tensors) if t not in present and t not in feeds]
+    types = elem_types(probe)
+    unreadable = [o.name for o in probe.graph.output if types.get(o.name) in NO_NUMPY_TYPES]
+    if unreadable:
+        name = onnx.TensorProto.DataType.Name(types[unreadable[0]]).lower()
+        raise InputError(f"output '{unreadable[0]}' is {name}: numpy has no {name}, so its values cannot be "
+                         "read back and compared")
+    wanted = [t for t in dict.fromkeys(tensors)
+              if t not in present and t not in feeds and types.get(t) not in NO_NUMPY_TYPES]
     init_names = {i.name for i in probe.graph.initializer}
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in init_names)
     try:

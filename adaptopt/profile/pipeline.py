@@ -131,6 +131,9 @@ def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[s
 
 
 NOT_TIMED = Timing(0.0, 0.0, 0.0, 0, ())
+# a leaf fed by a tensor numpy cannot hold (capture.NO_NUMPY_TYPES, e.g. bfloat16): it cannot
+# be run alone, so it is not timed either (it is not a constant leaf)
+NOT_RUNNABLE = Timing(0.0, 0.0, 0.0, 0, ())
 
 
 def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[str], cost: ModelCost,
@@ -138,6 +141,8 @@ def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: se
     sub_cost = cost.subset(leaf.node_names)
     if all(n in constants for n in leaf.boundary_outputs):
         return Measurement(NOT_TIMED, {}), sub_cost, classify(sub_cost, 0.0, machine)
+    if any(n not in values for n in leaf.boundary_inputs):
+        return Measurement(NOT_RUNNABLE, {}), sub_cost, classify(sub_cost, 0.0, machine)
     model, feeds = leaf_model(index, leaf, values, constants)
     m = measure(model, feeds, config, counters=True, per_node=False, cost=sub_cost)
     return m, sub_cost, classify(sub_cost, m.timing.median_ms, machine)
