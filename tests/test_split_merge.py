@@ -530,3 +530,37 @@ def test_split_refuses_bad_file_in_one_line(tmp_path):
                                       "--input-shape", "x=4x16"])
     assert result.exit_code == 2 and "bad.onnx" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("rewritten", [0, 1])
+def test_a_leaf_computing_a_weight_under_its_old_name_merges_without_a_duplicate(rewritten):
+    """ORT's quantizer turns a Conv bias initializer `b` into DequantizeLinear(...) -> `b`. When
+    another leaf (before or after it) still reads the original `b`, the merged graph must
+    not define `b` twice (it did: 'Duplicate definition of name', and every lossy leaf of
+    such a model was rolled back)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from adaptopt.graph.index import GraphIndex
+    from adaptopt.graph.partition import partition
+    from adaptopt.graph.subgraph import extract
+    from adaptopt.validate import compare
+    b = np.arange(4, dtype=np.float32) + 1
+    nodes = [helper.make_node("Add", ["x", "b"], ["h"], name="add"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "b"], ["y"], name="mul")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                                                [numpy_helper.from_array(b, "b")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx.shape_inference.infer_shapes(model)
+    index = GraphIndex.build(model)
+    leaves = [extract(index, leaf) for leaf in partition(index, 1, 1).leaves()]
+    assert len(leaves) == 2 and all(any(t.name == "b" for t in leaf.graph.initializer) for leaf in leaves)
+    leaf = leaves[rewritten]  # `b` becomes a node output computed from a new weight
+    del leaf.graph.initializer[:]
+    leaf.graph.initializer.append(numpy_helper.from_array(b * 2, "b_half"))
+    leaf.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+    leaf.graph.node.insert(0, helper.make_node("Mul", ["b_half", "half"], ["b"], name="dequant"))
+    merged = merge_models(model, leaves)
+    onnx.checker.check_model(merged)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    assert compare(run_model(model, feeds), run_model(merged, feeds), 1e-6).ok

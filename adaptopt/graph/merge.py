@@ -68,6 +68,10 @@ def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, di
     keep_value_info = not dynamic_inputs(skeleton)
     io_names = {t.name for t in skeleton.graph.input} | {t.name for t in skeleton.graph.output}
     taken: set[str] = {i.name for i in skeleton.graph.input}
+    # a rewritten leaf may compute a tensor under a weight's old name (ORT's quantizer turns a
+    # Conv bias `b` into DequantizeLinear(...) -> `b`) while other leaves, or the skeleton's
+    # initializers, still define `b`: such node outputs are renamed, never defined twice
+    reserved = {t.name for t in skeleton.graph.initializer}
     node_names: set[str] = set()
     name_counters: dict[str, int] = {}
     initializers: dict[str, onnx.TensorProto] = {}
@@ -81,7 +85,7 @@ def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, di
         g = leaf.graph
         ir_version = max(ir_version, leaf.ir_version)
         boundary = {t.name for t in g.input} | {t.name for t in g.output}
-        renames = _internal_renames(g, boundary, taken, initializers, f"l{i}", weights)
+        renames = _internal_renames(g, boundary, taken, initializers, f"l{i}", weights, reserved)
         for position, tensor in enumerate(g.initializer):
             name = renames.get(tensor.name, tensor.name)
             if name not in initializers:
@@ -219,12 +223,17 @@ def _union_opsets(opsets: dict[str, int], model: onnx.ModelProto, what: str) -> 
 
 
 def _internal_renames(g: onnx.GraphProto, boundary: set[str], taken: set[str],
-                      initializers: dict[str, onnx.TensorProto], tag: str, weights: _Weights) -> dict[str, str]:
+                      initializers: dict[str, onnx.TensorProto], tag: str, weights: _Weights,
+                      reserved: set[str] = frozenset()) -> dict[str, str]:
+    """New names for a leaf's internal tensors that would clash in the merged graph: node
+    outputs already defined (by earlier leaves, as initializers, or under a name in
+    ``reserved``, the original weights' names), and initializers whose name another
+    tensor holds."""
     renames: dict[str, str] = {}
     produced = [o for n in g.node for o in n.output if o and o not in boundary]
     for name in produced:
-        if name in taken or name in initializers:
-            renames[name] = _unique(f"{name}__{tag}", taken | set(initializers))
+        if name in taken or name in initializers or name in reserved:
+            renames[name] = _unique(f"{name}__{tag}", taken | set(initializers) | reserved)
             taken.add(renames[name])
     for tensor in g.initializer:
         other = initializers.get(tensor.name)
