@@ -122,7 +122,8 @@ def test_a_re_timing_pools_its_rounds_with_the_run_it_settles(resnet_model, fast
     first = side_by_side(resnet_model, resnet_model, feeds, fast_config.target, rounds=3)
     pooled = side_by_side(resnet_model, resnet_model, feeds, fast_config.target, rounds=4, earlier=first)
     assert pooled.rounds == 7
-    assert all(len(pooled.samples[k]) == len(first.samples[k]) + 4 * 3 for k in ("original", "aa", "candidate"))
+    # 4 more rounds of at least 3 runs each (more for a model this fast: rounds of >= 10 ms)
+    assert all(len(pooled.samples[k]) >= len(first.samples[k]) + 4 * 3 for k in ("original", "aa", "candidate"))
     assert pooled.samples["original"][:len(first.samples["original"])] == first.samples["original"]
 
 

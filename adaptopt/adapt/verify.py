@@ -26,6 +26,11 @@ from adaptopt.runtime import make_session
 # bert_small with fuse_sdpa measured 1.02-1.03x here, 0.97-1.0x in separate processes
 # and in make bench's run.
 MIN_MODEL_GAIN = 0.03
+# Each model runs for at least this long per round (and is warmed up at least as long):
+# a 0.2 ms model timed 3 runs a round for 15 rounds gave medians of 9 ms of work, and a
+# "verified" 1.18x that separate processes measured as 0.97x.
+MIN_ROUND_S = 0.01
+MAX_RUNS_PER_ROUND = 200
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,19 @@ def interleaved_medians(models: Mapping[str, onnx.ModelProto | bytes | str], fee
 def interleaved_samples(models: Mapping[str, onnx.ModelProto | bytes | str], feeds: Mapping[str, np.ndarray],
                         target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
                         max_seconds: float = 60.0) -> dict[str, list[float]]:
-    """Every latency (ms) of each model, timed round-robin (see :func:`interleaved_medians`)."""
+    """Every latency (ms) of each model, timed round-robin (see :func:`interleaved_medians`).
+
+    ``runs_per_round`` is raised so that each model runs at least ``MIN_ROUND_S`` a round."""
     sessions = {name: make_session(m, target, level="all") for name, m in models.items()}
     inputs = {name: {i.name: feeds[i.name] for i in s.get_inputs()} for name, s in sessions.items()}
-    for name, session in sessions.items():  # warm-up
-        for _ in range(2):
+    per_run = []
+    for name, session in sessions.items():  # warm-up: at least 2 runs and MIN_ROUND_S
+        start, count = time.perf_counter(), 0
+        while count < 2 or (time.perf_counter() - start < MIN_ROUND_S and count < MAX_RUNS_PER_ROUND):
             session.run(None, inputs[name])
+            count += 1
+        per_run.append((time.perf_counter() - start) / count)
+    runs_per_round = max(runs_per_round, min(MAX_RUNS_PER_ROUND, math.ceil(MIN_ROUND_S / max(min(per_run), 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in sessions}
     deadline = time.perf_counter() + max_seconds
     for r in range(rounds):
