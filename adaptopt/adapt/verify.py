@@ -55,8 +55,9 @@ class SideBySide:
         """The candidate is faster by more than the noise band (and at least ``floor``)."""
         return math.log(self.speedup) > max(2.0 * self.noise, floor)
 
-    def inconclusive(self, floor: float = 0.01) -> bool:
-        """Faster by more than ``floor``, but not beyond the noise band."""
+    def inconclusive(self, floor: float = MIN_MODEL_GAIN) -> bool:
+        """Faster by more than ``floor``, but not beyond the noise band (worth a longer run:
+        a gain below the floor would not be kept however it settled)."""
         return floor < math.log(self.speedup) <= 2.0 * self.noise
 
     def slower(self, floor: float = 0.01) -> bool:
