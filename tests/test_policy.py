@@ -276,3 +276,17 @@ def test_a_subgraph_also_tries_the_picks_of_its_look_alikes():
     assert out[0][0] == ("fuse", "quant") and found.measurements == before[0] + 1  # tried fold, kept its own
     assert out[2][0] == ("fold",) and other.measurements == before[2]  # another kind: not offered
     assert _transfer_picks([found, stuck], picks[:2], lambda: True)[1][0] == ("fold",)  # out of time: no new try
+
+
+def test_a_look_alikes_pick_is_tried_without_the_passes_that_do_not_apply():
+    from adaptopt.policy.search import _transfer_picks
+
+    class NoFold(SyntheticEnv):
+        def actions(self, seq):
+            return [a for a in super().actions(seq) if a != "fold"]
+
+    found, other = SyntheticEnv(), NoFold()
+    picks = [(("fold", "fuse", "quant"), found.evaluate(("fold", "fuse", "quant")), "greedy rollout", ()),
+             (("layout",), other.evaluate(("layout",)), "greedy rollout", ())]
+    out = _transfer_picks([found, other], picks, lambda: False)
+    assert out[1][0] == ("fuse", "quant")  # fold does not apply there: tried without it, and faster

@@ -196,28 +196,33 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
 
 
 def _kind(env: Environment) -> str:
-    """Bound and op family of a subgraph as it starts: which subgraphs look alike."""
+    """The dominant op family of a subgraph as it starts: which subgraphs look alike."""
     parts = env.state(()).key.split("|")
-    return "|".join(parts[1:3]) if len(parts) == 5 else env.state(()).key
+    return parts[2] if len(parts) == 5 else env.state(()).key
 
 
-def _applies(env: Environment, sequence: Sequence_) -> bool:
-    return all(action in env.actions(sequence[:k]) for k, action in enumerate(sequence))
+def _adapted(env: Environment, sequence: Sequence_) -> Sequence_:
+    """``sequence`` without the passes that do not apply here (at their turn)."""
+    kept: Sequence_ = ()
+    for action in sequence:
+        if action in env.actions(kept):
+            kept = kept + (action,)
+    return kept
 
 
 def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop) -> list[tuple]:
-    """Each subgraph also tries the picks of its look-alikes (one measurement each, the same
-    sequence measured once): the table shares values between similar states, but an
-    episode that exploited one good first step never measured the alternative a
-    look-alike found (on bert_small: static QDQ kept on two leaves, dynamic int8 won on
-    the others and on those two)."""
+    """Each subgraph also tries the picks of its look-alikes (same dominant op family), less
+    the passes that do not apply to it (one measurement each, the same sequence measured
+    once): the table shares values between similar states, but an episode that exploited
+    one good first step never measured the alternative a look-alike found (on bert_small:
+    static QDQ kept on one leaf, no quantization on another, dynamic int8 won on the rest)."""
     kinds = [_kind(env) for env in envs]
     out = []
     for i, env in enumerate(envs):
         best, best_out, chosen_by, rollout = picks[i]
         others = dict.fromkeys(p[0] for j, p in enumerate(picks) if j != i and p[0] and kinds[j] == kinds[i])
-        for seq in others:
-            if seq == best or should_stop() or not _applies(env, seq):
+        for seq in dict.fromkeys(_adapted(env, s) for s in others if not should_stop()):
+            if not seq or seq == best or should_stop():
                 continue
             outcome = env.evaluate(seq)
             if outcome.valid and outcome.time_ms < best_out.time_ms:
