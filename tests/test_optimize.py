@@ -525,3 +525,15 @@ def test_pre_pass_drops_a_refused_step_and_runs_the_next_passes_without_it():
     assert [d["pass"] for d in dropped] == ["eliminate_identity"] and dropped[0]["why"] == "slower (test)"
     assert "fuse_silu" in applied and "eliminate_identity" not in applied and not errors
     assert identities(result) == 1 and any(n.op_type == "QuickGelu" for n in result.graph.node)
+
+
+def test_a_spent_budget_skips_the_search_and_still_verifies(tmp_path, resnet_model, fast_config):
+    """--budget already spent: no pre-pass step, no leaf searched (not even measured), no
+    whole-model lossy try; what is written is still checked and is the original."""
+    path = tmp_path / "m.onnx"
+    save_model(resnet_model, path)
+    result = api.optimize(path, fast_config, accuracy_budget=0.999, budget_s=0.0)
+    assert not result.improved and result.report["leaves"] == []
+    assert result.report["prepass"]["applied"] == []
+    assert not any(e.get("event") == "whole_model" for e in result.report["events"])
+    _check_promise(resnet_model, result, fast_config)

@@ -83,7 +83,12 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     budget = config.accuracy.budget if options.accuracy_budget is None else options.accuracy_budget
     seed = config.policy.seed if options.seed is None else options.seed
     budget_s = config.budget.seconds if options.budget_s is None else options.budget_s
-    deadline = Deadline(0.75 * budget_s)  # the rest is kept for merge + verification
+    # the search gets 75% of the budget, the rest is kept for merge + verification; with an
+    # accuracy budget the search gets 60% and the whole-model lossy stage runs until 85%
+    # (one int8 rewrite of the whole model is often the largest win: a slow pre-pass on a
+    # big model must not leave it no time)
+    deadline = Deadline((0.6 if budget > 0 else 0.75) * budget_s)
+    lossy_deadline = Deadline(0.85 * budget_s)
 
     clock.stage("capture")
     feeds = make_inputs(model, config)
@@ -115,7 +120,12 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     table, table_origin = starting_table(table_path, config.target.device, config.policy.prior)
     settings = q_settings(config)
     ctx.progress = options.progress
-    plans = {p.env.leaf_id: p for p in search_leaves(ctx, [ctx.env_for(s) for s in leaves], table, settings, seed)}
+    if ctx.expired():  # the pre-pass used the search's time: not even the leaves' baselines are measured
+        say("time budget spent before the subgraph search: no leaf is searched")
+        plans = {}
+    else:
+        plans = {p.env.leaf_id: p
+                 for p in search_leaves(ctx, [ctx.env_for(s) for s in leaves], table, settings, seed)}
 
     clock.stage("granularity")
     history: list[dict] = []
@@ -132,7 +142,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("merge + verify")
     assembly = assemble(ctx, tree, plans, skeleton, reference, budget, options.allow_slower, say, base)
     if budget > 0:
-        assembly = with_whole_model_lossy(ctx, assembly, skeleton, pre.cleaned or skeleton, reference, budget)
+        assembly = with_whole_model_lossy(ctx, assembly, skeleton, pre.cleaned or skeleton, reference, budget,
+                                          lossy_deadline.expired)
     assembly = with_model_passes(ctx, assembly, skeleton)
     clock.stage("counters")
     counters, unmeasured = leaf_counters(ctx, plans, assembly.accepted)

@@ -10,7 +10,7 @@ independent run. The output is then never slower than our own whole-model quanti
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -19,10 +19,13 @@ from adaptopt.adapt.assemble import Assembly, check_everywhere, confirmed, timed
 
 
 def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, cleaned: onnx.ModelProto,
-                           reference: Mapping[str, np.ndarray], budget: float) -> Assembly:
+                           reference: Mapping[str, np.ndarray], budget: float,
+                           should_stop: Callable[[], bool] | None = None) -> Assembly:
     """Try each lossy pass on ``cleaned`` (the pre-pass's exact steps on the whole model,
     kept or not: quantizers want them, e.g. an unfused BatchNorm blocks QDQ fusion); keep
-    one only when it beats ``assembly``."""
+    one only when it beats ``assembly``. ``should_stop``: this stage's own time limit
+    (default: the run's search deadline)."""
+    should_stop = should_stop or ctx.expired
     from adaptopt.graph.external import on_disk
     from adaptopt.passes.base import PassContext, apply_guarded
     if any(on_disk(t) for t in cleaned.graph.initializer):
@@ -31,7 +34,7 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, c
                            seed=ctx.config.policy.seed)
     best, changed = assembly.model, False
     for p in [p for p in ctx.passes if p.guarantee == "lossy"]:
-        if ctx.expired():
+        if should_stop():
             break
         result, error = apply_guarded(p, cleaned, pass_ctx)
         if result is None:
