@@ -149,7 +149,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "execution_providers": (list, lambda v: len(v) > 0 and all(isinstance(s, str) for s in v),
                                 "a non-empty list of execution provider names"),
         "device": (str, lambda v: v in ("cpu", "cuda", "gpu"), "one of cpu, cuda, gpu"),
-        "threads": _NONNEG_INT,
+        "threads": (int, lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
         "allow_cpu_fallback": _BOOL,
     },
     "granularity": {
@@ -160,7 +160,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "max_rounds": _NONNEG_INT,
     },
     "profiling": {
-        "warmup": _NONNEG_INT,
+        "warmup": (int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"),
         "iterations": _POS_INT,
         "min_time_s": (float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
         "max_time_s": _POS_FLOAT,
@@ -170,7 +170,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "timeout_s": _POS_FLOAT,
     },
     "policy": {
-        "RL_training_epochs": _NONNEG_INT,
+        "RL_training_epochs": (int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"),
         "learning_rate": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "discount": _FRACTION,
         "epsilon_start": _FRACTION,
@@ -283,6 +283,11 @@ def _scalar(loc: _Located, key: str, node: yaml.Node, rule: tuple) -> Any:
     value = _construct(node)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is float and isinstance(value, str) and node.tag == "tag:yaml.org,2002:str" and not node.style:
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; a quoted string stays a string
+            value = float(value)
+        except ValueError:
+            pass
     ok_type = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     if not ok_type or not check(value):
         raise ConfigError(f"{loc.where(node)}: config key '{key}' must be {description}, got {value!r}")
@@ -290,7 +295,10 @@ def _scalar(loc: _Located, key: str, node: yaml.Node, rule: tuple) -> Any:
 
 
 def _construct(node: yaml.Node) -> Any:
-    return yaml.safe_load(yaml.serialize(node))
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as exc:  # e.g. a !!python tag: safe_load refuses to build it
+        raise ConfigError(f"line {node.start_mark.line + 1}: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def _parse_inputs(loc: _Located, node: yaml.Node) -> dict[str, InputSpec]:

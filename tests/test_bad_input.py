@@ -264,3 +264,55 @@ def test_a_bfloat16_tensor_inside_the_model_is_left_alone_not_refused(tmp_path):
     np.testing.assert_allclose(run_model(out, feeds)["y"], run_model(_bf16_model(), feeds)["y"], rtol=1e-6)
     path.write_bytes(_bf16_model(bf16_output=True).SerializeToString())
     assert "bfloat16" in _refused(["optimize", str(path), *shape, "-o", str(tmp_path / "o2.onnx")])
+
+
+def test_a_damaged_or_unwritable_cache_costs_measurements_not_the_run(tmp_path, monkeypatch):
+    """Garbage in the measurement cache or the calibration file, or a cache 'folder' that is
+    a file: the run measures again (in memory) and succeeds."""
+    model = write_valid(tmp_path)
+    fast = tmp_path / "fast.yaml"
+    fast.write_text("profiling: {warmup: 1, iterations: 3, min_time_s: 0.0, max_time_s: 0.05}\n"
+                    "policy: {RL_training_epochs: 1, max_sequence: 1}\n")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "measurements.jsonl").write_bytes(np.random.default_rng(0).bytes(2000) + b'\n{"key": 1}\n[1, 2]\n')
+    (damaged / "machine.json").write_bytes(np.random.default_rng(1).bytes(300))
+    (tmp_path / "a_file").write_text("not a folder")
+    for cache in (damaged, tmp_path / "a_file"):
+        monkeypatch.setenv("ADAPTOPT_CACHE_DIR", str(cache))
+        result = CliRunner().invoke(cli, ["optimize", str(model), "--config", str(fast), "-o",
+                                          str(tmp_path / "o.onnx"), "--budget", "20"])
+        assert result.exit_code == 0, (cache, result.stderr)
+
+
+def test_config_scientific_notation_and_bounds():
+    from adaptopt.config import parse_config
+    from adaptopt.errors import ConfigError
+    assert parse_config("accuracy: {exact_tolerance: 1e-4}\n").accuracy.exact_tolerance == 1e-4  # YAML 1.1 string
+    for text in ("target: {threads: 100000}\n", "policy: {RL_training_epochs: 1000000000000}\n",
+                 "profiling: {warmup: 1000000000000}\n", "budget: !!python/object/apply:os.getcwd []\n"):
+        with pytest.raises(ConfigError):
+            parse_config(text)
+
+
+def test_malformed_q_table_manifest_and_inputs_file_are_bad_input(tmp_path):
+    model = write_valid(tmp_path)
+    table = tmp_path / "q.json"
+    table.write_text('{"format": "adaptopt-qtable", "version": 1, "values": {}, "visits": []}')
+    assert "visits" in _refused(["policy", "show", str(table)])
+    folder = tmp_path / "split"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"format": "adaptopt-split", "root": "0", "leaves": ["0"], '
+                                          '"nodes": [{"file": 3}]}')
+    assert "manifest" in _refused(["merge", str(folder), "-o", str(tmp_path / "m.onnx")])
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "in.yaml").write_text(f"inputs_file: {tmp_path / 'bad.npz'}\n")
+    assert "npz" in _refused(["optimize", str(model), "--config", str(tmp_path / "in.yaml"), "-o",
+                              str(tmp_path / "o.onnx")])
+    np.save(tmp_path / "one.npy", np.zeros((1, 4), np.float32))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    (tmp_path / "in.yaml").write_text(f"inputs_file: {tmp_path / 'one.npz'}\n")
+    assert ".npy" in _refused(["optimize", str(model), "--config", str(tmp_path / "in.yaml"), "-o",
+                               str(tmp_path / "o.onnx")])
+    long_name = tmp_path / ("d" * 256 + ".onnx")
+    assert "255 bytes" in _refused(["optimize", str(model), "-o", str(long_name)])

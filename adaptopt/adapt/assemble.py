@@ -314,7 +314,7 @@ def cached_side_by_side(cache, target, original: onnx.ModelProto, candidate: onn
     (a confirmation must not read back the run it confirms). ``settle_gains``: see
     :func:`steady_side_by_side` (off for callers that only ask whether it is slower)."""
     key = cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (), kind=f"side-by-side{purpose}")
-    entry = cache.get(key)
+    entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
     if entry is not None:
         return SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"])
     side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains)

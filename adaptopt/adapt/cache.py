@@ -22,7 +22,7 @@ def default_cache_dir(configured: str | None = None) -> Path:
     env = os.environ.get("ADAPTOPT_CACHE_DIR")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptopt"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptopt"
 
 
 def target_fingerprint(target: TargetConfig) -> str:
@@ -45,22 +45,29 @@ class MeasurementCache:
             self._read()
 
     def _read(self) -> None:
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by an interrupted run
-                if isinstance(entry, dict) and "key" in entry:
-                    self.entries[entry["key"]] = entry
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by an interrupted run, or damaged
+                    if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                        self.entries[entry["key"]] = entry
+        except OSError:  # unreadable (a folder, no permission): measure again, in memory only
+            self.path = None
 
     def key(self, content_hash: str, sequence: tuple[str, ...], kind: str = "subgraph") -> str:
         return f"{kind}:{self.fingerprint}:{content_hash}:{'/'.join(sequence)}"
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, **required: type | tuple[type, ...]) -> dict | None:
+        """The entry for ``key``; a miss when it lacks a ``required`` field of the given type
+        (an entry written by another version, or damaged, is measured again)."""
         entry = self.entries.get(key)
-        if entry is not None:
-            self.hits += 1
+        if entry is None or any(isinstance(entry.get(name), bool) and kind is not bool
+                                or not isinstance(entry.get(name), kind) for name, kind in required.items()):
+            return None
+        self.hits += 1
         return entry
 
     def put(self, key: str, **values) -> None:
@@ -68,9 +75,12 @@ class MeasurementCache:
         self.entries[key] = entry
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        except OSError:  # an unwritable cache costs re-measuring next time, nothing else
+            self.path = None
 
     def put_outcome(self, key: str, outcome: Outcome, **extra) -> None:
         self.put(key, time_ms=outcome.time_ms, valid=outcome.valid, bytes=outcome.bytes, reason=outcome.reason,

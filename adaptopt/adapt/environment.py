@@ -149,7 +149,7 @@ class SubgraphEnv:
             return self._outcomes[sequence]
         key = self.cache.key(self.content_hash, sequence,
                              kind="subgraph" if self.other_feeds is None else "subgraph+other-sizes")
-        entry = self.cache.get(key)
+        entry = self.cache.get(key, time_ms=(int, float), valid=bool)
         if entry is not None:
             outcome = Outcome(entry["time_ms"], entry["valid"], entry.get("bytes", 0.0), entry.get("reason", ""))
             self.noise = max(self.noise, entry.get("noise") or 0.0)

@@ -208,7 +208,7 @@ def _node_times(model: onnx.ModelProto, feeds, config: Config, cache: Measuremen
     from adaptopt.adapt.environment import model_digest
     from adaptopt.profile.runner import measure
     key = cache.key(model_digest(model), (), kind="node-times")
-    entry = cache.get(key)
+    entry = cache.get(key, node_times_ms=dict)
     if entry is None:
         measurement = measure(model, feeds, config, counters=False, per_node=True)
         entry = {"node_times_ms": dict(measurement.node_times_ms or {})}

@@ -6,6 +6,7 @@ there, never on random data in the middle of a network.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -95,9 +96,12 @@ def _load_npz(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputError(f"inputs_file {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InputError(f"inputs_file {path}: one .npy array, not an .npz of arrays named after the inputs")
+        with data:
             feeds = {k: data[k] for k in data.files}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"inputs_file {path}: not a readable .npz ({exc})") from None
     missing = [vi.name for vi in model_inputs(model) if vi.name not in feeds]
     if missing:

@@ -560,6 +560,8 @@ def check_writable(target: str | Path, what: str, directory: bool = False) -> No
     A missing parent is fine (it is created on write) when its nearest existing
     ancestor is writable."""
     target = Path(target)
+    if len(os.fsencode(target.name)) > 255:
+        raise InputError(f"{what} {target}: the file name is longer than 255 bytes")
     if target.is_dir() != directory and target.exists():
         raise InputError(f"{what} {target}: is {'a file, not a folder' if directory else 'a folder, not a file'}")
     parent = target.parent
@@ -586,7 +588,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # the temp name must fit the file system's 255-byte limit whatever the target's name
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise InputError(f"cannot write {target}: {exc.strerror}") from None
     tmp_path = Path(tmp)
@@ -616,7 +619,7 @@ def atomic_directory(target: Path, last: str = "manifest.json") -> Iterator[Path
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:100]}.", suffix=".tmp", dir=target.parent))
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700

@@ -321,6 +321,14 @@ def load_manifest(directory: str | Path) -> dict:
     for key in ("root", "leaves", "nodes"):
         if key not in manifest:
             raise InputError(f"{path}: manifest has no '{key}'")
+    nodes, leaves = manifest["nodes"], manifest["leaves"]
+    well_formed = (isinstance(manifest["root"], str) and isinstance(leaves, list) and isinstance(nodes, list)
+                   and all(isinstance(s, str) for s in leaves)
+                   and all(isinstance(n, dict) and isinstance(n.get("id"), str) and isinstance(n.get("file"), str)
+                           and all(isinstance(n.get(k, []), list) for k in ("boundary_inputs", "boundary_outputs"))
+                           for n in nodes))
+    if not well_formed:
+        raise InputError(f"{path}: manifest 'root', 'leaves' or 'nodes' do not have the shape 'adaptopt split' writes")
     return manifest
 
 
@@ -386,8 +394,8 @@ def _check_leaf_boundary(leaf: onnx.ModelProto, entry: dict, sid: str, graph_inp
     """A (possibly rewritten) leaf must still produce its boundary outputs and read nothing new."""
     ins = {i.name for i in leaf.graph.input} - {t.name for t in leaf.graph.initializer}
     outs = {o.name for o in leaf.graph.output}
-    lost = set(entry["boundary_outputs"]) - outs
-    unknown = ins - set(entry["boundary_inputs"]) - graph_inputs
+    lost = set(entry.get("boundary_outputs", [])) - outs
+    unknown = ins - set(entry.get("boundary_inputs", [])) - graph_inputs
     if lost or unknown:
         what = f"no longer outputs {sorted(lost)[:3]}" if lost else f"reads unknown inputs {sorted(unknown)[:3]}"
         raise InputError(f"leaf {sid} ({entry['file']}) {what}; a rewritten leaf must keep its boundary names")

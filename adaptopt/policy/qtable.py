@@ -153,8 +153,15 @@ class QTable:
                              f"(expected {QTABLE_VERSION})")
         values, visits = data.get("values", {}), data.get("visits", {})
         if not isinstance(values, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in values.values()):
-            raise InputError(f"{path}: Q-table values must map state -> action -> number")
+                isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                            for x in v.values()) for v in values.values()):
+            raise InputError(f"{path}: Q-table values must map state -> action -> finite number")
+        if not isinstance(visits, dict) or not all(
+                isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values())
+                for v in visits.values()):
+            raise InputError(f"{path}: Q-table visits must map state -> action -> integer")
+        if not isinstance(data.get("meta", {}), dict):
+            raise InputError(f"{path}: Q-table meta must be an object")
         return cls({s: {a: float(q) for a, q in acts.items()} for s, acts in values.items()},
                    {s: {a: int(n) for a, n in acts.items()} for s, acts in visits.items()}, data.get("meta", {}))
 

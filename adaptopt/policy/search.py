@@ -169,6 +169,8 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
     visited: list[list[Sequence_]] = [[] for _ in envs]
     logs: list[list[dict]] = [[] for _ in envs]
     for epoch in range(settings.epochs):
+        if should_stop():
+            break
         epsilon = epsilon_at(epoch, settings.epochs, settings.epsilon_start, settings.epsilon_end)
         for i, env in enumerate(envs):
             if should_stop():  # checked per episode: one epoch over a big model's leaves takes long

@@ -74,7 +74,9 @@ class MachineProfile:
 
 
 def resolve_cache_dir(explicit: str | None = None) -> Path:
-    return Path(explicit or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "adaptopt").expanduser()
+    """The same folder the measurement cache uses (``adapt.cache.default_cache_dir``)."""
+    from adaptopt.adapt.cache import default_cache_dir
+    return default_cache_dir(explicit).expanduser()
 
 
 def cpu_model() -> str:
@@ -211,7 +213,7 @@ def calibrate(target: TargetConfig) -> MachineProfile:
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: undecodable bytes or JSON
         return {}  # no cache or a damaged one: calibrate again and rewrite it
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("profiles"), dict):
         return {}
@@ -225,9 +227,13 @@ def cached_profile(target: TargetConfig, directory: str | None = None) -> Machin
         return None
     fields = {k: entry[k] for k in MachineProfile.__dataclass_fields__ if k in entry}
     try:
-        return replace(MachineProfile(**fields), cached=True)
+        found = replace(MachineProfile(**fields), cached=True)
     except TypeError:
         return None  # an entry written by another version: recalibrate
+    if not all(isinstance(getattr(found, f), (int, float)) and getattr(found, f) > 0
+               for f in ("peak_gflops", "bandwidth_gbs")):
+        return None  # damaged: recalibrate
+    return found
 
 
 def machine_profile(target: TargetConfig, cache_dir: str | None = None, refresh: bool = False) -> MachineProfile:
@@ -241,9 +247,10 @@ def machine_profile(target: TargetConfig, cache_dir: str | None = None, refresh:
     entry.pop("cached")
     entry.pop("balance_flop_per_byte")
     profiles[profile.key] = entry
+    from adaptopt.errors import InputError
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"version": CACHE_VERSION, "profiles": profiles}, indent=1))
-    except OSError:
+    except (OSError, InputError):  # atomic_path says InputError for a target it cannot create
         pass  # an unwritable cache dir costs a recalibration next time, nothing else
     return profile
