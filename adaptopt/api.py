@@ -90,7 +90,8 @@ def hal_status(config: Config | None = None, recalibrate: bool = False) -> dict:
     config = config or Config()
     machine = machine_profile(config.target, config.policy.cache_dir, refresh=recalibrate)
     from adaptopt.runtime import provider_problem
-    problems = {p: provider_problem(p, config.target) for p in ort.get_available_providers()}
+    names = list(dict.fromkeys([*config.target.execution_providers, *ort.get_available_providers()]))
+    problems = {p: provider_problem(p, config.target) for p in names}
     return {"onnxruntime": ort.__version__, "execution_providers": [p for p, why in problems.items() if why is None],
             "unusable_providers": {p: why for p, why in problems.items() if why is not None},
             "backends": describe_all(), "machine": machine.to_dict()}

@@ -65,8 +65,16 @@ def check_outputs(*paths: tuple[str | None, str], folder: tuple[str | None, str]
 
 
 def load_run_config(config_path: str | None, input_shapes: tuple[str, ...]):
+    """The config with command-line shapes; says on stderr when a configured execution
+    provider is not usable here and the run falls back to the CPU (configs/gpu.yaml on a
+    machine without a GPU runs, but must not pass for a GPU measurement)."""
     from adaptopt.config import load_config, parse_input_shapes, with_input_shapes
-    return with_input_shapes(load_config(config_path), parse_input_shapes(input_shapes))
+    from adaptopt.runtime import fallback_warning
+    config = with_input_shapes(load_config(config_path), parse_input_shapes(input_shapes))
+    warning = fallback_warning(config.target)
+    if warning:
+        click.echo(f"adaptopt: warning: {warning}", err=True)
+    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

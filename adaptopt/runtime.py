@@ -107,6 +107,21 @@ def _silenced_fds():
         os.close(devnull)
 
 
+def unusable_providers(target: TargetConfig) -> dict[str, str]:
+    """The configured EPs that cannot start here, and why (what a run falls back from)."""
+    problems = {p: provider_problem(p, target) for p in target.execution_providers}
+    return {p: why for p, why in problems.items() if why is not None}
+
+
+def fallback_warning(target: TargetConfig) -> str:
+    """One line saying which configured EPs are replaced by the CPU here ("" when none)."""
+    missing = unusable_providers(target)
+    if not missing or not target.allow_cpu_fallback:
+        return ""
+    return ("execution provider(s) not usable here, running on " + ", ".join(resolve_providers(target)) + ": "
+            + "; ".join(f"{p} {why}" for p, why in missing.items()))
+
+
 def resolve_providers(target: TargetConfig) -> list[str]:
     """The configured EPs that can start here, in priority order."""
     wanted = list(target.execution_providers)

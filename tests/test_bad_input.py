@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from adaptopt import api
 from adaptopt.cli import cli
-from adaptopt.config import Config
+from adaptopt.config import Config, load_config
 from adaptopt.errors import InputError
 from adaptopt.graph.io import load_model
 from tests.conftest import run_model
@@ -316,3 +316,20 @@ def test_malformed_q_table_manifest_and_inputs_file_are_bad_input(tmp_path):
                                str(tmp_path / "o.onnx")])
     long_name = tmp_path / ("d" * 256 + ".onnx")
     assert "255 bytes" in _refused(["optimize", str(model), "-o", str(long_name)])
+
+
+def test_a_gpu_config_without_a_gpu_runs_on_the_cpu_and_says_so(tmp_path):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: nothing falls back")
+    model = write_valid(tmp_path)
+    gpu = Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml"
+    result = CliRunner().invoke(cli, ["optimize", str(model), "--config", str(gpu), "-o", str(tmp_path / "o.onnx"),
+                                      "--report", str(tmp_path / "r.json"), "--budget", "20"])
+    assert result.exit_code == 0, result.stderr
+    assert "adaptopt: warning: execution provider(s) not usable here, running on CPUExecutionProvider" in result.stderr
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"]["resolved_providers"] == ["CPUExecutionProvider"]
+    status = api.hal_status(load_config(str(gpu)))
+    assert "CUDAExecutionProvider" in status["unusable_providers"]

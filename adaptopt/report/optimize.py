@@ -12,6 +12,8 @@ from collections import Counter
 import onnx
 from tabulate import tabulate
 
+from adaptopt.runtime import resolve_providers
+
 OPTIMIZE_SCHEMA_VERSION = "1.0"
 
 
@@ -88,7 +90,8 @@ def build_report(model: onnx.ModelProto, config, machine, tree, plans, history, 
         "schema_version": OPTIMIZE_SCHEMA_VERSION,
         "kind": "optimize",
         "model": {"name": model.graph.name, "nodes": len(model.graph.node)},
-        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads},
+        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads,
+                   "resolved_providers": resolve_providers(config.target)},
         "machine": _machine(machine),
         "settings": {"seed": seed, "accuracy_budget": budget, "initial_granularity": config.granularity.initial_granularity,
                      "epochs": config.policy.RL_training_epochs, "max_sequence": config.policy.max_sequence,
@@ -110,7 +113,8 @@ def fixed_sequence_report(model, config, passes, results, assembly, stages, budg
         "schema_version": OPTIMIZE_SCHEMA_VERSION,
         "kind": "optimize-fixed-sequence",
         "model": {"name": model.graph.name, "nodes": len(model.graph.node)},
-        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads},
+        "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads,
+                   "resolved_providers": resolve_providers(config.target)},
         "settings": {"passes": passes, "accuracy_budget": budget},
         "passes": [{"name": name, "modified": r.modified, "changes": r.changes} for name, r in zip(passes, results)],
         "result": _result(assembly),
