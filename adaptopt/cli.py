@@ -274,7 +274,17 @@ def policy_show(qtable: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="adaptopt")
+    """The ``adaptopt`` entry point: click's usage errors become one line too (click prints
+    a usage block by default), exit 2 as click gives them."""
+    try:
+        code = cli(prog_name="adaptopt", standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        usage = isinstance(exc, click.UsageError) and exc.ctx is not None
+        hint = f" (see '{exc.ctx.command_path} --help')" if usage else ""
+        _fail(" ".join(exc.format_message().split()) + hint, exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

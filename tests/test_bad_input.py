@@ -333,3 +333,17 @@ def test_a_gpu_config_without_a_gpu_runs_on_the_cpu_and_says_so(tmp_path):
     assert report["target"]["resolved_providers"] == ["CPUExecutionProvider"]
     status = api.hal_status(load_config(str(gpu)))
     assert "CUDAExecutionProvider" in status["unusable_providers"]
+
+
+def test_usage_errors_are_one_line_too(tmp_path):
+    """The entry point turns click's usage block (4 lines) into one line, exit 2."""
+    import subprocess
+    import sys
+    for args, expect in ((["optimize", str(write_valid(tmp_path)), "--config", str(tmp_path)], "--config"),
+                         (["nosuchcmd"], "nosuchcmd"), (["optimize", "--budget", "0.5", "x.onnx"], "--budget")):
+        done = subprocess.run([sys.executable, "-m", "adaptopt", *args], capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("adaptopt: error: "), done.stderr
+        assert expect in lines[0] and "--help" in lines[0]
+    done = subprocess.run([sys.executable, "-m", "adaptopt", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and "adaptopt" in done.stdout
