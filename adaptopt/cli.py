@@ -186,7 +186,8 @@ def passes_command(as_json: bool) -> None:
 @click.option("-o", "--output", default=None, help="Optimized model path or - (default: MODEL.opt.onnx).")
 @click.option("--report", "report_path", default=None, help="Write the report (.json or .md).")
 @click.option("--policy", "qtable", default=None, help="Q-table JSON: warm start from it, save to it.")
-@click.option("--seed", type=int, default=None, help="Random seed (default: the config's policy.seed).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Random seed (default: the config's policy.seed).")
 @click.option("--budget", "budget_s", type=click.FloatRange(min=1.0), default=None, help="Time budget in seconds.")
 @click.option("--require-speedup", type=float, default=None, help="Exit 3 if the verified speedup is below X.")
 @click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
@@ -243,7 +244,8 @@ def policy() -> None:
 @click.option("-o", "--output", required=True, help="Q-table JSON to write (training continues from it if it exists).")
 @click.option("--accuracy-budget", type=float, default=0.0, show_default=True,
               help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
-@click.option("--seed", type=int, default=None, help="Random seed (default: the config's policy.seed).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Random seed (default: the config's policy.seed).")
 @config_options
 @command
 def policy_train(models: tuple[str, ...], output: str, accuracy_budget: float, seed: int | None,
