@@ -307,7 +307,7 @@ def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, fe
 
 def cached_side_by_side(cache, target, original: onnx.ModelProto, candidate: onnx.ModelProto,
                         feeds: Mapping[str, np.ndarray], rounds: int = 15, purpose: str = "",
-                        settle_gains: bool = True) -> SideBySide:
+                        settle_gains: bool = True, max_seconds: float = 60.0) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision).
 
     A different ``purpose`` is a separate, independent measurement of the same pair
@@ -317,7 +317,8 @@ def cached_side_by_side(cache, target, original: onnx.ModelProto, candidate: onn
     entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
     if entry is not None:
         return SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"])
-    side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains)
+    side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
+                               max_seconds=max_seconds)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds)
     return side
 
@@ -332,16 +333,16 @@ MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was di
 
 
 def steady_side_by_side(original, candidate, feeds, target, rounds: int = 15, retries: int = 2,
-                        settle_gains: bool = True) -> SideBySide:
+                        settle_gains: bool = True, max_seconds: float = 60.0) -> SideBySide:
     """Side by side, re-timed with more rounds while the A/A pair disagrees implausibly (a
     disturbed run: replaced) or (``settle_gains``) the result is inconclusive (a gain the
     A/A noise hides: the longer run is pooled with it, so the verdict rests on all rounds)."""
-    side = side_by_side(original, candidate, feeds, target, rounds=rounds)
+    side = side_by_side(original, candidate, feeds, target, rounds=rounds, max_seconds=max_seconds)
     for attempt in range(retries):
         disturbed = side.noise > MAX_AA_NOISE
         if not disturbed and not (settle_gains and side.inconclusive()):
             break
-        side = side_by_side(original, candidate, feeds, target, rounds=rounds * (attempt + 2),
+        side = side_by_side(original, candidate, feeds, target, rounds=rounds * (attempt + 2), max_seconds=max_seconds,
                             earlier=None if disturbed else side)
     return side
 

@@ -122,6 +122,11 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     return pre
 
 
+# A step is only asked "slower?" (the result of all steps is timed in full against the
+# original): on a slow model a few rounds answer it (det, 50 ms a run: 6 steps took 40 s)
+STEP_SECONDS = 3.0
+
+
 def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onnx.ModelProto, config: Config,
                   feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache) -> str:
     """Why one pass's step must be dropped ("" to keep it): changed outputs, or slower
@@ -130,7 +135,8 @@ def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onn
     if not validation.ok:
         return f"changes the outputs: {validation.reason}"
     # only "slower?" is asked here: a gain hidden by the noise keeps the step either way
-    side = cached_side_by_side(cache, config.target, before, after, feeds, purpose=":step", settle_gains=False)
+    side = cached_side_by_side(cache, config.target, before, after, feeds, purpose=":step", settle_gains=False,
+                               max_seconds=STEP_SECONDS)
     if side.slower():
         return f"slower ({side.speedup:.3f}x, A/A noise {side.noise:.3f})"
     return ""
