@@ -166,8 +166,7 @@ def apply_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[Pa
     try:
         return p.apply(model, ctx), ""
     except Exception as exc:  # noqa: BLE001 - see the docstring: the failure is returned, never hidden
-        text = str(exc).strip()
-        return None, f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        return None, _failure_line(p, exc)
 
 
 def applies_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[bool, str]:
@@ -177,8 +176,12 @@ def applies_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[
     try:
         return p.applies(model, ctx).ok, ""
     except Exception as exc:  # noqa: BLE001 - returned as the pass's failure, like apply_guarded
-        text = str(exc).strip()
-        return False, f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        return False, _failure_line(p, exc)
+
+
+def _failure_line(p: Pass, exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{p.name}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def default_opset(model: onnx.ModelProto) -> int:
