@@ -347,3 +347,18 @@ def test_usage_errors_are_one_line_too(tmp_path):
         assert expect in lines[0] and "--help" in lines[0]
     done = subprocess.run([sys.executable, "-m", "adaptopt", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and "adaptopt" in done.stdout
+
+
+def test_calibration_and_measurements_share_one_cache_folder(tmp_path, monkeypatch):
+    """One rule for both caches: the config's folder, else $ADAPTOPT_CACHE_DIR, else
+    $XDG_CACHE_HOME/adaptopt, else ~/.cache/adaptopt (XDG was honoured by one cache only)."""
+    from adaptopt.profile.calibrate import resolve_cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADAPTOPT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert resolve_cache_dir() == tmp_path / "home" / ".cache" / "adaptopt"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_cache_dir() == tmp_path / "xdg" / "adaptopt"
+    monkeypatch.setenv("ADAPTOPT_CACHE_DIR", str(tmp_path / "env"))
+    assert resolve_cache_dir() == tmp_path / "env"
+    assert resolve_cache_dir(str(tmp_path / "configured")) == tmp_path / "configured"

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from adaptopt.config import TargetConfig
 from adaptopt.policy.search import Outcome
-
-
-def default_cache_dir(configured: str | None = None) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("ADAPTOPT_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptopt"
 
 
 def target_fingerprint(target: TargetConfig) -> str:
@@ -64,8 +54,7 @@ class MeasurementCache:
         """The entry for ``key``; a miss when it lacks a ``required`` field of the given type
         (an entry written by another version, or damaged, is measured again)."""
         entry = self.entries.get(key)
-        if entry is None or any(isinstance(entry.get(name), bool) and kind is not bool
-                                or not isinstance(entry.get(name), kind) for name, kind in required.items()):
+        if entry is None or not all(_typed(entry.get(name), kind) for name, kind in required.items()):
             return None
         self.hits += 1
         return entry
@@ -85,3 +74,10 @@ class MeasurementCache:
     def put_outcome(self, key: str, outcome: Outcome, **extra) -> None:
         self.put(key, time_ms=outcome.time_ms, valid=outcome.valid, bytes=outcome.bytes, reason=outcome.reason,
                  **extra)
+
+
+def _typed(value, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance`` where a bool is not a number (JSON's true is not a time)."""
+    if isinstance(value, bool):
+        return kind is bool or (isinstance(kind, tuple) and bool in kind)
+    return isinstance(value, kind)

@@ -15,8 +15,8 @@ import onnx
 
 from adaptopt.adapt.assemble import Base, assemble, finalize, other_shape_feeds, with_model_passes
 from adaptopt.adapt.whole_model import with_whole_model_lossy
-from adaptopt.adapt.prepass import prepass, with_signature
-from adaptopt.adapt.cache import MeasurementCache, default_cache_dir, target_fingerprint
+from adaptopt.adapt.prepass import inferred_copy, prepass, with_signature
+from adaptopt.adapt.cache import MeasurementCache, target_fingerprint
 from adaptopt.adapt.granularity import adapt_round, search_leaves
 from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
 from adaptopt.budget import Deadline
@@ -25,6 +25,7 @@ from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import PartitionTree, partition
 from adaptopt.policy.prior import starting_table
+from adaptopt.profile.calibrate import resolve_cache_dir
 from adaptopt.policy.search import QSettings, RewardWeights
 
 Progress = Callable[[str, int, int], None]
@@ -98,7 +99,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         return _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, clock)
 
     clock.stage("pre-pass")
-    cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
+    cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
                   deadline.expired)
     say(f"whole-model exact passes: {pre.reason}")
@@ -192,7 +193,7 @@ def prepare_run(model: onnx.ModelProto, index: GraphIndex, feeds: dict, config: 
     machine = machine_profile(config.target, config.policy.cache_dir)
     leaf_passes, model_passes = split_by_scope(select_passes(config, None, budget))
     if cache is None:
-        cache = MeasurementCache(default_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
+        cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     deadline = deadline or Deadline(None)
     ctx = RunContext(config, index, feeds, leaf_passes, cache, make_measurer(config),
                      make_classifier(machine), budget, model_passes=model_passes, deadline=deadline)
@@ -222,14 +223,11 @@ def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, 
     Like the pre-pass, the passes run on the user's own signature (dynamic dims kept), so
     nothing they fold can bake in the profiled sizes, and the result keeps that signature."""
     from adaptopt.adapt.assemble import verify_candidate
-    from adaptopt.graph.io import infer_shapes
     from adaptopt.passes.base import PassContext
     from adaptopt.passes.registry import run_sequence
     clock.stage("passes")
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=budget, seed=config.policy.seed)
-    dynamic = onnx.ModelProto()
-    dynamic.CopyFrom(skeleton)
-    candidate, results = run_sequence(infer_shapes(dynamic, "--passes"), list(options.passes), ctx)
+    candidate, results = run_sequence(inferred_copy(skeleton, "--passes"), list(options.passes), ctx)
     candidate = with_signature(candidate, skeleton)
     lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
     clock.stage("verify")

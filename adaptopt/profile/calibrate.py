@@ -74,9 +74,13 @@ class MachineProfile:
 
 
 def resolve_cache_dir(explicit: str | None = None) -> Path:
-    """The same folder the measurement cache uses (``adapt.cache.default_cache_dir``)."""
-    from adaptopt.adapt.cache import default_cache_dir
-    return default_cache_dir(explicit).expanduser()
+    """The cache folder of the calibration and of the measurements: the config's
+    (``policy.cache_dir``), else ``$ADAPTOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/adaptopt``,
+    else ``~/.cache/adaptopt``."""
+    base = explicit or os.environ.get(CACHE_ENV)
+    if base:
+        return Path(base).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "adaptopt"
 
 
 def cpu_model() -> str:
