@@ -11,6 +11,7 @@ times, before falling back to the original model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -254,19 +255,18 @@ def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     return out
 
 
-_last_other_reference: list = []  # [(skeleton, feeds, target), (alt feeds, reference outputs)]: one run's
+_last_other_reference: dict = {}  # (model digest, feeds digest, target) -> (alt feeds, reference outputs)
 
 
 def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
                            ) -> tuple[dict | None, dict | None]:
     """The other-size feeds and the original's outputs on them (None, None when the model is
     static; reference None when the original fails there). A run checks many candidates
-    against the same skeleton: the original is run once (memoised by identity of the
-    skeleton and feeds objects, which the memo keeps alive)."""
-    if _last_other_reference:
-        (known, known_feeds, target), value = _last_other_reference[0]
-        if known is skeleton and known_feeds is feeds and target == config.target:
-            return value
+    against the same skeleton: the original is run once (the last one is remembered by
+    content, so no model is kept alive after the run)."""
+    key = (model_digest(skeleton), _feeds_digest(feeds), config.target)
+    if key in _last_other_reference:
+        return _last_other_reference[key]
     alt = other_shape_feeds(skeleton, feeds)
     reference = None
     if alt is not None:
@@ -274,8 +274,18 @@ def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.nda
             reference = run(make_session(skeleton, config.target, level="all"), alt)
         except ort_errors():
             reference = None
-    _last_other_reference[:] = [((skeleton, feeds, config.target), (alt, reference))]
+    _last_other_reference.clear()
+    _last_other_reference[key] = (alt, reference)
     return alt, reference
+
+
+def _feeds_digest(feeds: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(feeds):
+        value = np.ascontiguousarray(feeds[name])
+        h.update(repr((name, value.dtype.str, value.shape)).encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def check_everywhere(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
