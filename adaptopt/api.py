@@ -188,7 +188,7 @@ def train_policy(sources: list[str | Path], output: str | Path, config: Config |
     from adaptopt.policy.qtable import QTable
     config = config or Config()
     _check_accuracy_budget(accuracy_budget)
-    models = [TrainingModel(str(source), _signature_and_work_model(source, config)[1], config) for source in sources]
+    models = [TrainingModel(str(source), load_model(source, config), config) for source in sources]
     table = QTable.load_or_new(output)
     rows = train(models, table, accuracy_budget, config.policy.seed if seed is None else seed,
                  log or (lambda _m: None))

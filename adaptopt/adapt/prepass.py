@@ -52,6 +52,15 @@ def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mo
     return out
 
 
+def inferred_copy(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A shape-inferred copy of ``skeleton`` (the user's signature, dynamic dims kept): what
+    whole-model passes run on, so nothing they fold can bake in the profiled sizes."""
+    from adaptopt.graph.io import infer_shapes
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(skeleton)
+    return infer_shapes(dynamic, name)
+
+
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
                        judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
                        should_stop: Callable[[], bool] = lambda: False
@@ -97,16 +106,13 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     it is faster than the original side by side, and returned pinned again, for the
     per-leaf search."""
     from adaptopt.api import pinned_copy
-    from adaptopt.graph.io import infer_shapes
-    dynamic = onnx.ModelProto()
-    dynamic.CopyFrom(skeleton)
 
     def judge(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
         return _step_verdict(skeleton, with_signature(before, skeleton), with_signature(after, skeleton),
                              config, feeds, reference, cache)
 
-    current, applied, errors, dropped = apply_exact_passes(infer_shapes(dynamic, "pre-pass"), passes, config, feeds,
-                                                           judge, should_stop)
+    current, applied, errors, dropped = apply_exact_passes(inferred_copy(skeleton, "pre-pass"), passes, config,
+                                                           feeds, judge, should_stop)
     pre = PrePass(model, False, applied, errors, dropped=dropped)
     if not applied:
         pre.reason = "no exact pass applies to the whole model" if not dropped else \
