@@ -100,12 +100,12 @@ def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) 
     for name in tuple(config.passes.enabled) + tuple(config.passes.disabled):
         if name not in known:
             raise InputError(f"{config.source}: passes: unknown pass '{name}' (see 'adaptopt passes')")
-    enabled = set(config.passes.enabled)
-
     def wanted(p) -> bool:
         if p.name in config.passes.disabled:
             return False
-        return p.name in enabled if enabled or getattr(p, "opt_in", False) else True
+        if config.passes.enabled:
+            return p.name in config.passes.enabled
+        return not getattr(p, "opt_in", False)  # (test doubles need not declare it)
 
     chosen = [p for p in library if wanted(p)]
     return [p for p in chosen if p.guarantee == "exact" or budget > 0]
@@ -168,10 +168,10 @@ class RunContext:
 
     def env_for(self, sub: Subgraph) -> SubgraphEnv:
         from adaptopt.passes.base import PassContext
-        self.ensure_captured(list(sub.boundary_inputs) + list(sub.boundary_outputs))
-        fill_missing_types(self.index, list(sub.boundary_inputs) + list(sub.boundary_outputs), self.feeds)
-        model = materialize_weights(extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}"))
         names = list(sub.boundary_inputs) + list(sub.boundary_outputs)
+        self.ensure_captured(names)
+        fill_missing_types(self.index, names, self.feeds)
+        model = materialize_weights(extract_range(self.index, sub.start, sub.stop, name=f"sg_{sub.id}"))
         unread = [n for n in names if n not in self.values and n not in self.index.initializers]
         feeds = {n: self.values[n] for n in sub.boundary_inputs if n in self.values}
         reference = {n: self.values[n] for n in sub.boundary_outputs if n in self.values}

@@ -160,7 +160,7 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
 
     The table is shared across subgraphs (and across models, via its file). The final
     sequence per subgraph is the greedy rollout, unless a sequence measured during
-    training was faster, or the pick of a look-alike subgraph (same bound and op family)
+    training was faster, or the pick of a look-alike subgraph (same dominant op family)
     is faster here too (:func:`_transfer_picks`): the decision log says which.
     """
     rng = random.Random(seed)
@@ -197,12 +197,6 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
     return results
 
 
-def _kind(env: Environment) -> str:
-    """The dominant op family of a subgraph as it starts: which subgraphs look alike."""
-    parts = env.state(()).key.split("|")
-    return parts[2] if len(parts) == 5 else env.state(()).key
-
-
 def _adapted(env: Environment, sequence: Sequence_) -> Sequence_:
     """``sequence`` without the passes that do not apply here (at their turn)."""
     kept: Sequence_ = ()
@@ -218,14 +212,19 @@ def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop
     once): the table shares values between similar states, but an episode that exploited
     one good first step never measured the alternative a look-alike found (on bert_small:
     static QDQ kept on one leaf, no quantization on another, dynamic int8 won on the rest)."""
-    kinds = [_kind(env) for env in envs]
+    kinds = [env.state(()).family for env in envs]  # look-alikes: the same dominant op family
     out = []
     for i, env in enumerate(envs):
         best, best_out, chosen_by, rollout = picks[i]
         others = dict.fromkeys(p[0] for j, p in enumerate(picks) if j != i and p[0] and kinds[j] == kinds[i])
-        for seq in dict.fromkeys(_adapted(env, s) for s in others if not should_stop()):
-            if not seq or seq == best or should_stop():
+        tried = {best}
+        for seq in others:
+            if should_stop():
+                break
+            seq = _adapted(env, seq)
+            if not seq or seq in tried:
                 continue
+            tried.add(seq)
             outcome = env.evaluate(seq)
             if outcome.valid and outcome.time_ms < best_out.time_ms:
                 best, best_out, chosen_by = seq, outcome, "the pick of a look-alike subgraph"
