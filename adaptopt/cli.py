@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -42,6 +43,17 @@ def command(fn):
             _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                   "(run with --debug for the traceback)", int(ExitCode.INTERNAL_ERROR))
     return wrapper
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and inf: ``float()`` reads "nan" and "inf",
+    nan passes every range bound (it compares false) and a gate on it never fires."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def config_options(fn):
@@ -188,12 +200,13 @@ def passes_command(as_json: bool) -> None:
 @click.option("--policy", "qtable", default=None, help="Q-table JSON: warm start from it, save to it.")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Random seed (default: the config's policy.seed).")
-@click.option("--budget", "budget_s", type=click.FloatRange(min=1.0), default=None, help="Time budget in seconds.")
-@click.option("--require-speedup", type=float, default=None, help="Exit 3 if the verified speedup is below X.")
+@click.option("--budget", "budget_s", type=FiniteFloatRange(min=1.0), default=None, help="Time budget in seconds.")
+@click.option("--require-speedup", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
+              help="Exit 3 if the verified speedup is below X (X > 0).")
 @click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
               help="Write the partition tree with the chosen rewrites (adaptopt merge DIR rebuilds).")
 @click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) instead of the policy.")
-@click.option("--accuracy-budget", type=float, default=None,
+@click.option("--accuracy-budget", type=FiniteFloatRange(0.0, 1.0), default=None,
               help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
 @click.option("--allow-slower", is_flag=True, help="Keep the rewrites even when not verified faster.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
@@ -242,7 +255,7 @@ def policy() -> None:
 @policy.command("train")
 @click.argument("models", nargs=-1, required=True, type=str)
 @click.option("-o", "--output", required=True, help="Q-table JSON to write (training continues from it if it exists).")
-@click.option("--accuracy-budget", type=float, default=0.0, show_default=True,
+@click.option("--accuracy-budget", type=FiniteFloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Random seed (default: the config's policy.seed).")

@@ -222,10 +222,13 @@ def load_config(path: str | Path | None) -> Config:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), base_dir=path.parent)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def parse_config(text: str, source: str = "<config>", *, base_dir: str | Path | None = None) -> Config:
+    """Validate config ``text``. Relative paths in it (``inputs_file``, ``policy.qtable``,
+    ``policy.cache_dir``) are taken relative to ``base_dir`` (the config file's folder, as
+    :func:`load_config` passes it), else to the working folder."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -237,6 +240,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{source}:1: a config must be a mapping of sections")
     loc = _Located(source, root)
+    _refuse_duplicate_keys(loc, root)
     changes: dict[str, Any] = {"source": source}
     for key_node, value_node in root.value:
         key = key_node.value
@@ -246,12 +250,50 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         if key == "inputs":
             changes["inputs"] = _parse_inputs(loc, value_node)
         elif key == "inputs_file":
-            changes["inputs_file"] = _scalar(loc, "inputs_file", value_node, _OPT_STR)
+            changes["inputs_file"] = _relative_to(base_dir, _scalar(loc, "inputs_file", value_node, _OPT_STR))
         else:
             changes[key] = _parse_section(loc, key, value_node)
     config = Config(**changes)
+    if "policy" in changes:  # the other paths a config names, read the same way as inputs_file
+        config = config.with_section("policy", qtable=_relative_to(base_dir, config.policy.qtable),
+                                     cache_dir=_relative_to(base_dir, config.policy.cache_dir))
     _check_consistency(config, source)
     return config
+
+
+def _relative_to(base_dir: str | Path | None, path: str | None) -> str | None:
+    """``path`` as seen from ``base_dir``: a config names its files from where it lives, so
+    the same config works whatever folder adaptopt is run from. Absolute paths are kept."""
+    if path is None or base_dir is None or Path(path).is_absolute():
+        return path
+    return str(Path(base_dir) / path)
+
+
+def _refuse_duplicate_keys(loc: _Located, root: yaml.Node) -> None:
+    """Refuse a key given twice in one mapping, at any depth. YAML loaders keep the last
+    one silently, so a second ``granularity:`` section would throw the first away unseen.
+    Each node is walked once (aliases share nodes), without recursion."""
+    work: list[tuple[yaml.Node, str]] = [(root, "")]
+    walked: set[int] = set()
+    while work:
+        node, prefix = work.pop()
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = [(item, prefix) for item in node.value]
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in first:
+                    raise ConfigError(f"{loc.where(key_node)}: duplicate config key '{prefix}{key}' "
+                                      f"(first given on line {first[key]})")
+                if key is not None:
+                    first[key] = key_node.start_mark.line + 1
+                children.append((value_node, prefix if key is None else f"{prefix}{key}."))
+        work.extend(reversed(children))  # popped in file order: the first duplicate is the one named
 
 
 def _parse_section(loc: _Located, section: str, node: yaml.Node) -> Any:

@@ -14,7 +14,10 @@ opset that no runtime implements; these checks say what is wrong instead:
 - names: invalid UTF-8 or control characters (a newline would break one-line errors).
 - graph names: graph inputs/outputs listed twice, outputs nothing defines, tensors
   produced twice, tensors read but never defined, and cycles; nodes stored out of
-  order (valid ONNX allows no such thing, but exporters write it) are sorted.
+  order (valid ONNX allows no such thing, but exporters write it) are sorted, and
+  nodes that repeat an earlier node's name in the same graph are renamed (the ONNX IR
+  wants node names unique per graph and onnxruntime refuses the model otherwise, but
+  a node name is for diagnostics only: renaming changes nothing the model computes).
 """
 
 from __future__ import annotations
@@ -93,9 +96,10 @@ def check_graph_names(model: onnx.ModelProto, name: str) -> None:
 
     Raises InputError naming the tensor or node for cycles, undefined inputs and
     tensors produced twice. Nodes stored out of topological order are reordered
-    in place (the model's meaning does not change).
+    and repeated node names made unique, in place (the model's meaning does not change).
     """
     graph = model.graph
+    rename_duplicate_nodes(graph)
     _refuse_duplicates([i.name for i in graph.input], f"{name}: graph input")
     _refuse_duplicates([o.name for o in graph.output], f"{name}: graph output")
     try:
@@ -107,6 +111,43 @@ def check_graph_names(model: onnx.ModelProto, name: str) -> None:
     for out in graph.output:
         if out.name not in defined:
             raise InputError(f"{name}: graph output '{out.name}' is not produced by any node, input or initializer")
+
+
+def rename_duplicate_nodes(graph: onnx.GraphProto) -> None:
+    """Give a node that repeats an earlier node's name in its graph (control-flow bodies
+    included, each its own namespace) the name ``NAME_k``; the first keeps its name.
+
+    The ONNX checker accepts such models and onnxruntime refuses them ("two nodes with same
+    node name"), yet a node name only labels the node: renaming it is how the model gets
+    run. Unnamed nodes stay unnamed (any number of them is allowed).
+    """
+    work = [graph]
+    while work:
+        current = work.pop()
+        names = [node.name for node in current.node if node.name]
+        if len(set(names)) != len(names):
+            _rename_repeats(current, set(names))
+        for node in current.node:
+            work.extend(_bodies(node))
+
+
+def _rename_repeats(graph: onnx.GraphProto, taken: set[str]) -> None:
+    """Rename repeats in file order, skipping every name already in ``graph`` (a node may
+    already be called ``NAME_1``), so no new clash is made."""
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if not node.name or node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name
+        candidate = base
+        while candidate in taken:
+            counts[base] = counts.get(base, 0) + 1
+            candidate = f"{base}_{counts[base]}"
+        node.name = candidate
+        taken.add(candidate)
+        seen.add(candidate)
 
 
 def check_names_are_text(model: onnx.ModelProto, name: str) -> None:
