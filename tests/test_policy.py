@@ -118,6 +118,37 @@ def test_learning_curve_improves():
     assert sum(last) / len(last) > sum(first) / len(first)
 
 
+class TwoQuantizersEnv(SyntheticEnv):
+    """Two first passes that both win big and exclude each other; the one listed first wins less."""
+
+    FACTORS = {"static": 0.6, "noop": 1.0, "dynamic": 0.45}
+    CATEGORY = {"static": "compute", "noop": "memory", "dynamic": "compute"}
+
+    def actions(self, seq):
+        return [a for a in self.FACTORS if a not in seq and not ({a, *seq} >= {"static", "dynamic"})]
+
+
+def test_first_step_tries_every_pass_before_exploiting_one():
+    """Without it, the first big win (static) is exploited forever and the bigger one never tried."""
+    settings = QSettings(epochs=3, epsilon_start=0.0, epsilon_end=0.0, max_sequence=2, optimistic_init=0.1)
+    env = TwoQuantizersEnv()
+    [result] = q_learning([env], QTable(), settings, seed=0)
+    assert result.sequence[0] == "dynamic"
+    firsts = [d["action"] for d in result.decisions if d.get("state", "").endswith("|none")]
+    assert firsts == ["static", "noop", "dynamic"]
+    # a table that already knows every first pass (from a look-alike) goes straight to the best
+    warm_env = TwoQuantizersEnv()
+    [warm] = q_learning([warm_env], _trained(), settings, seed=0)
+    assert warm.sequence[0] == "dynamic" and warm_env.measurements < env.measurements
+
+
+def _trained() -> QTable:
+    table = QTable()
+    q_learning([TwoQuantizersEnv()], table, QSettings(epochs=3, epsilon_start=0.0, epsilon_end=0.0, max_sequence=2),
+               seed=0)
+    return table
+
+
 def test_warm_start_needs_fewer_measurements():
     settings = QSettings(epochs=40, epsilon_start=1.0, epsilon_end=0.0, max_sequence=3)
     table = QTable()
@@ -162,6 +193,17 @@ def test_baselines_on_synthetic_env():
     assert rnd.measurements <= 11 and rnd.outcome.valid
     heur = heuristic(SyntheticEnv(), "compute", 3)
     assert all(SyntheticEnv.CATEGORY[a] == "compute" for a in heur.sequence)
+
+
+def test_oracle_searches_whole_levels_within_its_limit():
+    """The oracle goes as deep as its limit allows and never searches a level in part."""
+    full = oracle(SyntheticEnv(), 3)
+    assert full.decisions == [{"depth": 3, "sequences": full.decisions[0]["sequences"]}]
+    level_one = len(SyntheticEnv().actions(()))
+    shallow = oracle(SyntheticEnv(), 3, limit=level_one)
+    assert shallow.decisions == [{"depth": 1, "sequences": level_one}]
+    assert all(len(seq) <= 1 for seq in [shallow.sequence])
+    assert oracle(SyntheticEnv(), 3, limit=level_one - 1).decisions[0]["depth"] == 0
 
 
 def test_state_encoding():

@@ -85,6 +85,12 @@ class QTable:
                 return total[0] / total[1]
         return self.initial
 
+    def known(self, state: str, action: str) -> bool:
+        """Whether ``action`` has a value here or in a look-alike state (it was tried in one)."""
+        if action in self.values.get(state, {}):
+            return True
+        return any(self._similar.get((key, action), (0.0, 0))[1] for key in backoff_keys(state))
+
     def q(self, state: str, action: str) -> float:
         row = self.values.get(state)
         if row is not None and action in row:

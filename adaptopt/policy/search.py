@@ -115,6 +115,8 @@ def run_episode(env: Environment, table: QTable, settings: QSettings, epsilon: f
         if should_stop():
             break
         actions = [a for a in env.actions(seq) if a not in failed] + [STOP]
+        if not seq:  # the first step tries what no look-alike tried yet: one good first pass must not hide a better one
+            actions = [a for a in actions if a != STOP and not table.known(state.key, a)] or actions
         action = table.choose(state.key, actions, epsilon, rng)
         if action == STOP:
             table.update(state.key, STOP, 0.0, None, (), settings.learning_rate, settings.discount)
@@ -158,7 +160,10 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
                should_stop=lambda: False, progress=None) -> list[SearchResult]:
     """Train on all subgraphs for ``settings.epochs`` (one episode each per epoch), then roll out.
 
-    The table is shared across subgraphs (and across models, via its file). The final
+    The table is shared across subgraphs (and across models, via its file). An episode's
+    first step picks among the passes that no look-alike state has tried yet, while there
+    are any (:meth:`QTable.known`): optimistic values alone let the first big win hide a
+    bigger one. The final
     sequence per subgraph is the greedy rollout, unless a sequence measured during
     training was faster, or the pick of a look-alike subgraph (same dominant op family)
     is faster here too (:func:`_transfer_picks`): the decision log says which.
@@ -284,20 +289,21 @@ def greedy_search(env: Environment, max_sequence: int) -> SearchResult:
 
 
 def oracle(env: Environment, max_sequence: int, limit: int = 2000) -> SearchResult:
-    """Exhaustive search over sequences up to ``max_sequence`` long (for small action sets)."""
+    """Exhaustive search over every sequence up to ``max_sequence`` long, level by level,
+    stopping before a level that would take the sequences tried past ``limit`` (so a
+    subgraph where few passes apply is searched as deep as the policy may go, one where
+    many apply only as deep as the limit allows: levels are searched whole, never cut).
+    ``decisions`` records the depth reached."""
     tried: list[Sequence_] = []
     frontier: list[Sequence_] = [()]
+    depth = 0
     for _ in range(max_sequence):
-        nxt = []
-        for seq in frontier:
-            for action in env.actions(seq):
-                if len(tried) >= limit:
-                    break
-                cand = seq + (action,)
-                tried.append(cand)
-                if env.evaluate(cand).valid:
-                    nxt.append(cand)
-        frontier = nxt
+        level = [seq + (action,) for seq in frontier for action in env.actions(seq)]
+        if not level or len(tried) + len(level) > limit:
+            break
+        tried.extend(level)
+        frontier = [cand for cand in level if env.evaluate(cand).valid]
+        depth += 1
     best, out = best_seen(env, tried)
-    return SearchResult(best, out, env.evaluate(()), env.measurements, "oracle")
-
+    return SearchResult(best, out, env.evaluate(()), env.measurements, "oracle",
+                        decisions=[{"depth": depth, "sequences": len(tried)}])
