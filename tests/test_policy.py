@@ -149,6 +149,34 @@ def _trained() -> QTable:
     return table
 
 
+class SynergyEnv(SyntheticEnv):
+    """quant wins alone (0.7x) and more after fuse (0.45x); fuse alone barely (0.95x)."""
+
+    FACTORS = {"quant": 0.7, "fuse": 0.95}
+    CATEGORY = {"quant": "compute", "fuse": "compute"}
+
+    def time(self, seq) -> float:
+        t = 10.0
+        for i, a in enumerate(seq):
+            t *= 0.45 if a == "quant" and "fuse" in seq[:i] else self.FACTORS[a]
+        return t
+
+
+def test_the_pick_is_tried_behind_a_first_pass_that_won_alone():
+    from adaptopt.policy.search import _prefixed_picks
+    env = SynergyEnv()
+    root = env.state(()).key
+    table = QTable()
+    table.update(root, "quant", math.log(1 / 0.7), None, (), 1.0, 0.9)
+    table.update(root, "fuse", math.log(1 / 0.95), None, (), 1.0, 0.9)
+    pick = (("quant",), env.evaluate(("quant",)), "greedy rollout", ("quant",))
+    [(best, out, why, _)] = _prefixed_picks([env], [pick], table, 2, lambda: False)
+    assert best == ("fuse", "quant") and out.time_ms == pytest.approx(4.5 * 0.95)
+    assert why == "the pick behind a first pass that won alone"
+    [(best, *_)] = _prefixed_picks([SynergyEnv()], [pick], table, 1, lambda: False)  # too long: not tried
+    assert best == ("quant",)
+
+
 def test_warm_start_needs_fewer_measurements():
     settings = QSettings(epochs=40, epsilon_start=1.0, epsilon_end=0.0, max_sequence=3)
     table = QTable()

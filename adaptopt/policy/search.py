@@ -166,7 +166,8 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
     bigger one. The final
     sequence per subgraph is the greedy rollout, unless a sequence measured during
     training was faster, or the pick of a look-alike subgraph (same dominant op family)
-    is faster here too (:func:`_transfer_picks`): the decision log says which.
+    is faster here too (:func:`_transfer_picks`), or the pick behind a first pass that
+    won alone (:func:`_prefixed_picks`): the decision log says which.
     """
     rng = random.Random(seed)
     table.initial = settings.optimistic_init
@@ -194,8 +195,9 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
             "best measured during training" if best else "nothing measured beat the original"
         picks.append((best, best_out, chosen_by, rollout))
     results = []
-    for i, (env, (best, best_out, chosen_by, rollout)) in enumerate(zip(envs, _transfer_picks(envs, picks,
-                                                                                                should_stop))):
+    picks = _prefixed_picks(envs, _transfer_picks(envs, picks, should_stop), table, settings.max_sequence,
+                            should_stop)
+    for i, (env, (best, best_out, chosen_by, rollout)) in enumerate(zip(envs, picks)):
         logs[i].append({"final": list(best), "chosen_by": chosen_by, "rollout": list(rollout)})
         results.append(SearchResult(best, best_out, env.evaluate(()), env.measurements, "q-learning",
                                     curves[i], logs[i]))
@@ -233,6 +235,33 @@ def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop
             outcome = env.evaluate(seq)
             if outcome.valid and outcome.time_ms < best_out.time_ms:
                 best, best_out, chosen_by = seq, outcome, "the pick of a look-alike subgraph"
+        out.append((best, best_out, chosen_by, rollout))
+    return out
+
+
+def _prefixed_picks(envs: Sequence[Environment], picks: list[tuple], table: QTable, max_sequence: int,
+                    should_stop, width: int = 2) -> list[tuple]:
+    """Each subgraph also tries its pick behind the ``width`` best first passes that won
+    alone (a positive learnt value here or in a look-alike) and are not in it (one
+    measurement each). A pass that pays off mostly before another is learnt late: the
+    episodes exploit the bigger first win instead (on resnet_small, static QDQ alone
+    1.22x, after fuse_conv_bn 1.53x)."""
+    out = []
+    for env, (best, best_out, chosen_by, rollout) in zip(envs, picks):
+        root = env.state(()).key
+        firsts = sorted((a for a in env.actions(()) if a not in best and table.known(root, a)
+                         and table.q(root, a) > 0), key=lambda a: -table.q(root, a))
+        tried = {best}
+        for action in firsts[:width]:
+            if should_stop():
+                break
+            seq = _adapted(env, (action,) + best)
+            if seq in tried or len(seq) > max_sequence:
+                continue
+            tried.add(seq)
+            outcome = env.evaluate(seq)
+            if outcome.valid and outcome.time_ms < best_out.time_ms:
+                best, best_out, chosen_by = seq, outcome, "the pick behind a first pass that won alone"
         out.append((best, best_out, chosen_by, rollout))
     return out
 
