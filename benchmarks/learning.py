@@ -83,7 +83,7 @@ def _retime(ctx, leaves, runs) -> list[dict[tuple, float]]:
     for _ in range(RETIME_ROUNDS):
         for env, seqs, by_seq in zip(envs, picks, times):
             for seq in seqs:
-                by_seq[seq].append(ctx.measurer.time(env.step(seq).model, env.feeds).median_ms)
+                by_seq[seq].append(ctx.measurer.time(*env.runnable(env.step(seq).model)).median_ms)
     return [{seq: statistics.median(v) for seq, v in by_seq.items()} for by_seq in times]
 
 

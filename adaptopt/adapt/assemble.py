@@ -65,7 +65,9 @@ def confirm_leaf(ctx, plan) -> SideBySide:
     winner's curse); a fresh side-by-side run is an unbiased check of that choice.
     """
     env = plan.env
-    return timed(ctx, env.model, env.step(plan.result.sequence).model, env.feeds, rounds=10)
+    original, feeds = env.runnable(env.model)
+    candidate, _ = env.runnable(env.step(plan.result.sequence).model)
+    return timed(ctx, original, candidate, feeds, rounds=10)
 
 
 @dataclass(frozen=True)

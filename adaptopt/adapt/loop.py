@@ -180,9 +180,9 @@ def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> tuple[dict[st
         env = plan.env
         if not env.evaluate(()).valid:  # the leaf alone does not run (e.g. no nodes): nothing to read
             continue
-        out[sid] = {"original": measure(env.model, env.feeds, ctx.config).counters}
+        out[sid] = {"original": measure(*env.runnable(env.model), ctx.config).counters}
         if sid in accepted:
-            out[sid]["optimized"] = measure(env.step(accepted[sid]).model, env.feeds, ctx.config).counters
+            out[sid]["optimized"] = measure(*env.runnable(env.step(accepted[sid]).model), ctx.config).counters
     return out, unmeasured
 
 

@@ -187,6 +187,8 @@ class RunContext:
                           self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
                                                                      self.accuracy_budget),
                           self.classify, op_times or None, other_feeds, other_reference)
+        fixed = self.index.constant_tensors()
+        env.constants = {n: v for n, v in feeds.items() if n in fixed}
         if unread:  # a boundary tensor numpy cannot hold (capture.NO_NUMPY_TYPES): the leaf stays as it is
             env.blocked = f"boundary tensor '{unread[0]}' has a type numpy cannot hold: not run alone"
         return env

@@ -30,6 +30,10 @@ from onnx import TensorProto, helper
 from adaptopt.errors import InputError
 
 
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}  # (Dropout: random in training mode)
+
+
 def subgraph_outer_inputs(node: onnx.NodeProto) -> list[str]:
     """Tensors that the bodies of a control-flow node read from the enclosing scope."""
     outer: list[str] = []
@@ -124,6 +128,29 @@ class GraphIndex:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def constant_tensors(self) -> frozenset[str]:
+        """Node outputs whose value the model fixes: those of deterministic nodes that read
+        only initializers not listed as graph inputs (a listed one may be fed, so ONNX
+        Runtime does not fold it) or such outputs (``Constant``, an ``Identity`` tying
+        one weight to another). ONNX Runtime folds and fuses through them at load, so a
+        leaf that gets one as an input must not be timed as if it varied."""
+        if "constants" not in self._derived:
+            listed = {i.name for i in self.model.graph.input}
+            derived: set[str] = set()
+
+            def fixed(name: str) -> bool:
+                return not name or name in derived or (name in self.initializers and name not in listed)
+
+            for node in self.nodes:
+                if node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") \
+                        or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                               for a in node.attribute):
+                    continue
+                if all(fixed(name) for name in node.input):
+                    derived.update(o for o in node.output if o)
+            self._derived["constants"] = frozenset(derived)
+        return self._derived["constants"]
 
     # ---------------------------------------------------------------- range tables
     @property

@@ -1,0 +1,94 @@
+"""Leaves are run as ONNX Runtime sees them in the model: a boundary input that the whole
+model fixes (a weight tied to another through Identity, a Constant) is an initializer of the
+leaf when it is run and timed, not an input that could vary."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from adaptopt import api
+from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.adapt.environment import embed_constants
+from adaptopt.adapt.loop import prepare_run
+from adaptopt.graph.capture import make_inputs
+from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.partition import partition
+from tests.conftest import run_model
+from tests.test_optimize import _check_promise, fast_config  # noqa: F401 - the fixture
+
+N = 16
+
+
+def _tied_bias_model() -> onnx.ModelProto:
+    """x -> MatMul(w1) + b -> Relu -> MatMul(w2) + tied, where ``tied = Identity(b)`` is
+    computed first, far from its use, as torch exports shared parameters."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((N, N)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((N, N)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.5).reshape(()), "half")]
+    nodes = [helper.make_node("Identity", ["b"], ["tied"], name="tie"),
+             helper.make_node("Constant", [], ["c"], name="const",
+                              value=numpy_helper.from_array(np.full(N, 0.25, np.float32))),
+             helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Mul", ["r1", "half"], ["s1"], name="scale"),
+             helper.make_node("MatMul", ["s1", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "tied"], ["a2"], name="add2"),
+             helper.make_node("Add", ["a2", "c"], ["y"], name="add3")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_constant_tensors_are_what_the_model_fixes():
+    model = _tied_bias_model()
+    rng_node = helper.make_node("RandomNormalLike", ["x"], ["noise"], name="rand")
+    model.graph.node.append(rng_node)
+    fixed = GraphIndex.build(model).constant_tensors()
+    assert {"tied", "c"} <= fixed
+    assert not {"m1", "a1", "y", "noise"} & fixed
+    # an initializer also listed as a graph input may be fed: nothing computed from it is fixed
+    overridable = _tied_bias_model()
+    overridable.graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [N]))
+    assert "tied" not in GraphIndex.build(overridable).constant_tensors()
+
+
+def test_embed_constants_moves_inputs_to_initializers_and_keeps_the_outputs():
+    model = _tied_bias_model()
+    feeds = {"x": np.ones((4, N), np.float32)}
+    embedded, rest = embed_constants(model, feeds, {"x": feeds["x"]})
+    assert [i.name for i in embedded.graph.input] == [] and rest == {}
+    assert "x" in {t.name for t in embedded.graph.initializer}
+    np.testing.assert_array_equal(run_model(embedded, {})["y"], run_model(model, feeds)["y"])
+    same, same_feeds = embed_constants(model, feeds, {"not_an_input": feeds["x"]})
+    assert same is model and same_feeds is feeds
+
+
+def test_a_leaf_reading_a_tied_weight_runs_with_it_as_an_initializer(fast_config):  # noqa: F811
+    model = api.pinned_copy(_tied_bias_model(), fast_config, "tied")
+    feeds = make_inputs(model, fast_config)
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, fast_config, 0.0, cache=MeasurementCache(None, "test"))
+    tree = partition(index, 1, 3)
+    envs = [ctx.env_for(leaf) for leaf in tree.leaves()]
+    reading = [env for env in envs if "tied" in {i.name for i in env.model.graph.input}]
+    assert reading, "the partition put the tie and its use in one leaf; the test needs them apart"
+    env = reading[0]
+    assert "tied" in env.constants
+    runnable, run_feeds = env.runnable(env.model)
+    assert "tied" not in run_feeds and "tied" in {t.name for t in runnable.graph.initializer}
+    assert "tied" in {i.name for i in env.model.graph.input}  # the leaf itself, which is merged, keeps it
+    assert env.evaluate(()).valid  # run and validated against the captured outputs
+    ctx.measurer.close()
+
+
+def test_optimize_on_a_tied_weight_model_keeps_its_outputs(tmp_path, fast_config):  # noqa: F811
+    original = _tied_bias_model()
+    path = tmp_path / "tied.onnx"
+    onnx.save(original, path)
+    result = api.optimize(str(path), fast_config, accuracy_budget=0.0, seed=0)
+    _check_promise(original, result, fast_config)
