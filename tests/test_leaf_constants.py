@@ -12,6 +12,7 @@ from adaptopt import api
 from adaptopt.adapt.cache import MeasurementCache
 from adaptopt.adapt.environment import embed_constants
 from adaptopt.adapt.loop import prepare_run
+from adaptopt.config import InputSpec
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import partition
@@ -92,3 +93,25 @@ def test_optimize_on_a_tied_weight_model_keeps_its_outputs(tmp_path, fast_config
     onnx.save(original, path)
     result = api.optimize(str(path), fast_config, accuracy_budget=0.0, seed=0)
     _check_promise(original, result, fast_config)
+
+
+def test_a_leaf_of_a_dynamic_model_runs_with_its_varying_dims_open(fast_config):  # noqa: F811
+    """The written model keeps the user's dynamic dims, and ONNX Runtime fuses a pinned leaf
+    differently (MatMul+Add -> Gemm with Reshapes instead of MatMul+BiasGelu on convnext)."""
+    from adaptopt.adapt.assemble import other_shape_feeds
+    from adaptopt.adapt.prepass import with_signature
+    skeleton = _tied_bias_model()
+    skeleton.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    skeleton.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    config = fast_config.replace(inputs={"x": InputSpec(shape=(4, N))})
+    model = api.pinned_copy(skeleton, config, "tied")
+    feeds = make_inputs(model, config)
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, config, 0.0, cache=MeasurementCache(None, "test"))
+    ctx.use_other_sizes(with_signature(model, skeleton), other_shape_feeds(skeleton, feeds))
+    env = ctx.env_for(partition(index, 0, 3).leaves()[0])
+    assert env.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value > 0  # the leaf itself is pinned
+    runnable, _ = env.runnable(env.model)
+    assert runnable.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # run with the batch dim open
+    assert env.evaluate(()).valid and env.evaluate(("eliminate_identity",)).valid
+    ctx.measurer.close()

@@ -151,7 +151,7 @@ class SubgraphEnv:
                 if same in known:
                     known[sequence] = known[same]
             return self._outcomes[sequence]
-        kind = "subgraph" if self.other_feeds is None else "subgraph+other-sizes"
+        kind = "subgraph" if self.other_feeds is None else "subgraph+other-sizes+open"
         key = self.cache.key(self.content_hash, sequence, kind=kind + ("+constants" if self.constants else ""))
         entry = self.cache.get(key, time_ms=(int, float), valid=bool)
         if entry is not None:
@@ -252,15 +252,13 @@ class SubgraphEnv:
         cannot run with its varying dims open, which is checked once)."""
         if self.other_feeds is None:
             return ""
-        if self._other_sizes_usable is None:
-            self._other_sizes_usable = not self._run_at_other_sizes(self.model, 0.0)
-        return self._run_at_other_sizes(model, budget) if self._other_sizes_usable else ""
+        return self._run_at_other_sizes(model, budget) if self._opens() else ""
 
     def _run_at_other_sizes(self, model: onnx.ModelProto, budget: float) -> str:
         from adaptopt.isolation import WorkerFailure
         from adaptopt.runtime import ort_error_line, ort_errors
         relaxed = open_varying_dims(model, [(self.feeds, self.other_feeds), (self.reference, self.other_reference)])
-        relaxed, other_feeds = self.runnable(relaxed, self.other_feeds)
+        relaxed, other_feeds = embed_constants(relaxed, self.other_feeds, self.constants)
         try:
             outputs = self.measurer.run(relaxed, other_feeds)
         except ort_errors() as exc:
@@ -273,12 +271,24 @@ class SubgraphEnv:
     def runnable(self, model: onnx.ModelProto,
                  feeds: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
         """``model`` (a rewrite of this subgraph) and ``feeds`` (default: the captured
-        boundary) as they are run and timed: :attr:`constants` still among its inputs become
-        initializers. Fed as inputs, tied weights kept ONNX Runtime from fusing what it fuses
-        in the model: a convnext leaf ran 7.5% faster alone after ``fuse_attention``, which
-        gained ~2% in the model."""
+        boundary) as they are run and timed, which is as ONNX Runtime sees that part of the
+        written model: :attr:`constants` still among its inputs become initializers, and on a
+        model with dynamic dims the leaf's dims that follow them are opened again.
+
+        Both changed what ONNX Runtime fuses at load. Fed as inputs, tied weights were not
+        folded; pinned to static shapes, MatMul+Add became Gemm with Reshapes, where the
+        written (dynamic) convnext gets MatMul+BiasGelu: its leaves gained 7.5-10% alone from
+        ``fuse_attention``, which gained ~2% in the model."""
         feeds = self.feeds if feeds is None else feeds
+        if self.other_feeds is not None and self._opens():
+            model = open_varying_dims(model, [(self.feeds, self.other_feeds), (self.reference, self.other_reference)])
         return embed_constants(model, feeds, self.constants)
+
+    def _opens(self) -> bool:
+        """Whether this leaf runs with its varying dims open (checked once, on the original)."""
+        if self._other_sizes_usable is None:
+            self._other_sizes_usable = not self._run_at_other_sizes(self.model, 0.0)
+        return self._other_sizes_usable
 
     def features(self, sequence: tuple[str, ...]) -> Features:
         if sequence not in self._features:
