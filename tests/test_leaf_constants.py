@@ -10,12 +10,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adaptopt import api
 from adaptopt.adapt.cache import MeasurementCache
-from adaptopt.adapt.environment import embed_constants
 from adaptopt.adapt.loop import prepare_run
 from adaptopt.config import InputSpec
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import partition
+from adaptopt.graph.subgraph import embed_constants
 from tests.conftest import run_model
 from tests.test_optimize import _check_promise, fast_config  # noqa: F401 - the fixture
 

@@ -17,7 +17,7 @@ from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import partition
 from adaptopt.profile import calibrate, node_times, profile_model
-from adaptopt.profile.pipeline import constant_tensors, leaf_model
+from adaptopt.profile.pipeline import leaf_model
 from adaptopt.profile.runner import measure, profile_nodes, time_model
 from adaptopt.report.render import render
 from adaptopt.report.schema import SCHEMA_VERSION, check_profile, profile_dict
@@ -124,13 +124,13 @@ def test_constant_boundary_inputs_become_initializers(resnet, quick):
     model.graph.node.insert(0, const)
     model = onnx.shape_inference.infer_shapes(model)
     index = GraphIndex.build(model)
-    assert "two" in constant_tensors(index)
+    assert "two" in index.constant_tensors()
     tree = partition(index, 2, 2)
     feeds = make_inputs(model, quick)
     values = capture(model, feeds, [n for s in tree.leaves() for n in s.boundary_inputs + s.boundary_outputs])
     for leaf in tree.leaves():
-        sub, sub_feeds = leaf_model(index, leaf, values, constant_tensors(index))
-        assert not set(sub_feeds) & constant_tensors(index)
+        sub, sub_feeds = leaf_model(index, leaf, values, index.constant_tensors())
+        assert not set(sub_feeds) & index.constant_tensors()
         out = run(make_session(sub, TargetConfig(), level="disable"), sub_feeds)
         for name, value in out.items():  # the leaf still computes exactly what the whole model did
             np.testing.assert_allclose(value, values[name], rtol=1e-5, atol=1e-6)

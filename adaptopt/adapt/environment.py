@@ -18,10 +18,10 @@ from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from adaptopt.adapt.cache import MeasurementCache
 from adaptopt.config import AccuracyConfig
+from adaptopt.graph.subgraph import embed_constants
 from adaptopt.passes.base import applies_guarded
 from adaptopt.policy.search import Outcome
 from adaptopt.policy.state import State, encode
@@ -324,18 +324,3 @@ def open_varying_dims(model: onnx.ModelProto, pairs) -> onnx.ModelProto:
     del out.graph.value_info[:]
     return out
 
-
-def embed_constants(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-                    constants: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
-    """A copy of ``model`` whose inputs named in ``constants`` are initializers of those
-    values, and ``feeds`` without them (``model`` and ``feeds`` themselves when none is an input)."""
-    names = [i.name for i in model.graph.input if i.name in constants]
-    if not names:
-        return model, feeds
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    kept = [i for i in out.graph.input if i.name not in constants]
-    del out.graph.input[:]
-    out.graph.input.extend(kept)
-    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(constants[n]), n) for n in names)
-    return out, {k: v for k, v in feeds.items() if k not in constants}

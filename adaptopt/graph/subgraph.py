@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from adaptopt.errors import InputError
 from adaptopt.graph.index import GraphIndex, has_type
@@ -303,3 +303,18 @@ def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto) 
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
 
+
+def embed_constants(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                    constants: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
+    """A copy of ``model`` whose inputs named in ``constants`` are initializers of those
+    values, and ``feeds`` without them (``model`` and ``feeds`` themselves when none is an input)."""
+    names = [i.name for i in model.graph.input if i.name in constants]
+    if not names:
+        return model, feeds
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [i for i in out.graph.input if i.name not in constants]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(constants[n]), n) for n in names)
+    return out, {k: v for k, v in feeds.items() if k not in constants}

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import PartitionTree, Subgraph, partition
-from adaptopt.graph.subgraph import extract, fill_missing_types
+from adaptopt.graph.subgraph import embed_constants, extract, fill_missing_types
 from adaptopt.hal import registry
 from adaptopt.hal.base import Reading
 from adaptopt.profile import node_times
@@ -104,30 +103,12 @@ def _capture_all(model: onnx.ModelProto, feeds: dict, boundary: list[str], confi
     return {k: v for k, v in values.items() if k in keep}, cost
 
 
-_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-
-
-def constant_tensors(index: GraphIndex) -> set[str]:
-    """Tensors whose value does not depend on the model's inputs (Constant nodes and what
-    deterministic nodes compute from constants and initializers only)."""
-    constant = set(index.initializers)
-    for node, inputs in zip(index.nodes, index.node_inputs):
-        if node.op_type not in _RANDOM_OPS and all(name in constant for name in inputs):
-            constant.update(o for o in node.output if o)
-    return constant - set(index.initializers)
-
-
-def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[str]
+def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: frozenset[str]
                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The leaf as a standalone model, constant boundary inputs folded in as initializers; its feeds."""
-    model = extract(index, leaf)
-    folded = [n for n in leaf.boundary_inputs if n in constants]
-    if folded:
-        keep = [vi for vi in model.graph.input if vi.name not in constants]
-        del model.graph.input[:]
-        model.graph.input.extend(keep)
-        model.graph.initializer.extend(numpy_helper.from_array(values[n], n) for n in folded)
-    return model, {n: values[n] for n in leaf.boundary_inputs if n not in constants}
+    """The leaf as a standalone model, the boundary inputs the model fixes
+    (:meth:`GraphIndex.constant_tensors`) folded in as initializers; its feeds."""
+    feeds = {n: values[n] for n in leaf.boundary_inputs}
+    return embed_constants(extract(index, leaf), feeds, {n: values[n] for n in feeds if n in constants})
 
 
 NOT_TIMED = Timing(0.0, 0.0, 0.0, 0, ())
@@ -136,7 +117,7 @@ NOT_TIMED = Timing(0.0, 0.0, 0.0, 0, ())
 NOT_RUNNABLE = Timing(0.0, 0.0, 0.0, 0, ())
 
 
-def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: set[str], cost: ModelCost,
+def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: frozenset[str], cost: ModelCost,
                   config: Config, machine: MachineProfile) -> tuple[Measurement, ModelCost, Classification]:
     sub_cost = cost.subset(leaf.node_names)
     if all(n in constants for n in leaf.boundary_outputs):
@@ -218,7 +199,7 @@ def profile_model(model: onnx.ModelProto, config: Config, granularity: int | Non
     root = tree.nodes[tree.root]
     whole = _leaf_profile(root, index, whole_m, cost, whole_cls, whole_m.node_times_ms)
     measured = {}
-    constants = constant_tensors(index)
+    constants = index.constant_tensors()
     for leaf in leaves:
         m, sub_cost, cls = (whole_m, cost, whole_cls) if leaf.id == tree.root else \
             _profile_leaf(index, leaf, values, constants, cost, config, machine)
