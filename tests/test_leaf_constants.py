@@ -115,3 +115,40 @@ def test_a_leaf_of_a_dynamic_model_runs_with_its_varying_dims_open(fast_config):
     assert runnable.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # run with the batch dim open
     assert env.evaluate(()).valid and env.evaluate(("eliminate_identity",)).valid
     ctx.measurer.close()
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """A constant sequence of two differently shaped weights, read after two other nodes."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((N, N)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(0, np.int64), "i0"),
+             numpy_helper.from_array(np.array(1, np.int64), "i1")]
+    nodes = [helper.make_node("SequenceConstruct", ["w", "b"], ["seq"], name="pack"),
+             helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Neg", ["r"], ["n"], name="neg"),
+             helper.make_node("SequenceAt", ["seq", "i0"], ["w0"], name="take_w"),
+             helper.make_node("SequenceAt", ["seq", "i1"], ["b0"], name="take_b"),
+             helper.make_node("MatMul", ["n", "w0"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b0"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_sequence_crossing_a_leaf_is_neither_a_constant_nor_a_crash(tmp_path, fast_config):  # noqa: F811
+    """A sequence (or optional) value is not a tensor: never folded into a leaf as one, and a
+    leaf it crosses into is left as it is (validation compares arrays; ragged ones crashed)."""
+    model = _sequence_model()
+    assert "seq" not in GraphIndex.build(model).constant_tensors()
+    pinned = api.pinned_copy(model, fast_config, "seq")
+    index = GraphIndex.build(pinned)
+    ctx, _ = prepare_run(pinned, index, make_inputs(pinned, fast_config), fast_config, 0.0,
+                         cache=MeasurementCache(None, "test"))
+    envs = [ctx.env_for(leaf) for leaf in partition(index, 2, 1).leaves()]
+    crossing = [env for env in envs if "seq" in {i.name for i in env.model.graph.input}]
+    assert crossing and all("not a tensor" in env.blocked and not env.evaluate(()).valid for env in crossing)
+    ctx.measurer.close()
+    path = tmp_path / "seq.onnx"
+    onnx.save(model, path)
+    _check_promise(model, api.optimize(str(path), fast_config, accuracy_budget=0.0, seed=0), fast_config)

@@ -188,9 +188,12 @@ class RunContext:
                                                                      self.accuracy_budget),
                           self.classify, op_times or None, other_feeds, other_reference)
         fixed = self.index.constant_tensors()
-        env.constants = {n: v for n, v in feeds.items() if n in fixed}
+        env.constants = {n: v for n, v in feeds.items() if n in fixed and isinstance(v, np.ndarray)}
+        not_tensors = [n for n in names if n in self.values and not isinstance(self.values[n], np.ndarray)]
         if unread:  # a boundary tensor numpy cannot hold (capture.NO_NUMPY_TYPES): the leaf stays as it is
             env.blocked = f"boundary tensor '{unread[0]}' has a type numpy cannot hold: not run alone"
+        elif not_tensors:  # a sequence or optional value: validation compares arrays
+            env.blocked = f"boundary value '{not_tensors[0]}' is not a tensor (a sequence or optional): not run alone"
         return env
 
 

@@ -32,6 +32,9 @@ from adaptopt.errors import InputError
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout"}  # (Dropout: random in training mode)
+# ops whose outputs are sequences or optionals: never a leaf's initializer
+_NOT_TENSOR_OUTPUTS = {"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence",
+                       "Optional"}
 
 
 def subgraph_outer_inputs(node: onnx.NodeProto) -> list[str]:
@@ -143,7 +146,8 @@ class GraphIndex:
                 return not name or name in derived or (name in self.initializers and name not in listed)
 
             for node in self.nodes:
-                if node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx") \
+                if node.op_type in _NONDETERMINISTIC or node.op_type in _NOT_TENSOR_OUTPUTS \
+                        or node.domain not in ("", "ai.onnx") \
                         or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                for a in node.attribute):
                     continue
