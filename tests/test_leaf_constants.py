@@ -152,3 +152,48 @@ def test_a_sequence_crossing_a_leaf_is_neither_a_constant_nor_a_crash(tmp_path, 
     path = tmp_path / "seq.onnx"
     onnx.save(model, path)
     _check_promise(model, api.optimize(str(path), fast_config, accuracy_budget=0.0, seed=0), fast_config)
+
+
+def _if_model() -> onnx.ModelProto:
+    """y = If(cond, x + w, x - w) with a dynamic batch dim."""
+    w = numpy_helper.from_array(np.linspace(-1, 1, N, dtype=np.float32), "w")
+    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    then = helper.make_graph([helper.make_node("Add", ["r", "w"], ["t"])], "then", [], [out("t")])
+    other = helper.make_graph([helper.make_node("Sub", ["r", "w"], ["e"])], "else", [], [out("e")])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N])],
+                              [w, numpy_helper.from_array(np.float32(0.0).reshape(()), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_with_branches_is_checked_and_written_for_other_sizes_too(tmp_path, fast_config):  # noqa: F811
+    """The pinned work model's If bodies held the profiled sizes: at another batch size ONNX
+    Runtime refused them, so no leaf of such a model was checked there (and the written model
+    kept a branch output fixed at the profiled size)."""
+    from adaptopt.adapt.assemble import other_shape_feeds
+    from adaptopt.adapt.prepass import with_signature
+    skeleton = _if_model()
+    config = fast_config.replace(inputs={"x": InputSpec(shape=(4, N))})
+    model = api.pinned_copy(skeleton, config, "if")
+    feeds = make_inputs(model, config)
+    signed = with_signature(model, skeleton)
+    other = other_shape_feeds(skeleton, feeds)
+    assert other["x"].shape[0] != 4
+    expected = run_model(skeleton, other)["y"]
+    np.testing.assert_allclose(run_model(signed, other)["y"], expected)  # refused before
+    index = GraphIndex.build(model)
+    ctx, _ = prepare_run(model, index, feeds, config, 0.0, cache=MeasurementCache(None, "test"))
+    ctx.use_other_sizes(signed, other)
+    ctx.env_for(partition(index, 0, 3).leaves()[0])
+    assert ctx.other_model is not None  # the other-size capture worked
+    ctx.measurer.close()
+    path = tmp_path / "if.onnx"
+    onnx.save(skeleton, path)
+    result = api.optimize(str(path), config, passes=["eliminate_identity", "fold_constants"], allow_slower=True)
+    branch = next(n for n in result.model.graph.node if n.op_type == "If")
+    assert all(not vi.type.tensor_type.HasField("shape") for g in branch.attribute for vi in g.g.output)
+    np.testing.assert_allclose(run_model(result.model, other)["y"], expected, rtol=1e-6)

@@ -20,7 +20,7 @@ import onnx
 from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere
 from adaptopt.adapt.verify import SideBySide
 from adaptopt.config import Config
-from adaptopt.graph.io import dynamic_inputs
+from adaptopt.graph.io import dynamic_inputs, forget_body_shapes
 
 
 @dataclass
@@ -49,6 +49,7 @@ def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.Mo
     out.graph.output.extend(skeleton.graph.output)
     if dynamic_inputs(skeleton):
         del out.graph.value_info[:]
+        forget_body_shapes(out.graph)
     return out
 
 

@@ -553,6 +553,28 @@ def dynamic_inputs(model: onnx.ModelProto) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------ atomic saving
+def forget_body_shapes(graph: onnx.GraphProto) -> None:
+    """Drop the shapes inferred inside control-flow bodies (``If`` / ``Loop`` / ``Scan``,
+    nested too): on a pinned model they hold the profiled sizes, and ONNX Runtime refuses
+    a branch whose output then has another size ("has shape {4,16} but the computed output
+    shape for this run is {2,16}"). Types stay; shapes are optional in ONNX."""
+    work = [attr.g for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+    work += [g for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPHS
+             for g in attr.graphs]
+    while work:
+        body = work.pop()
+        del body.value_info[:]
+        for vi in body.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+        for node in body.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    work.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    work.extend(attr.graphs)
+
+
 def check_writable(target: str | Path, what: str, directory: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder where a
     file is wanted (or the reverse), or a folder we may not create files in (probed

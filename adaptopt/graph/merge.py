@@ -35,6 +35,7 @@ from adaptopt.graph.io import (
     attach_external_data,
     check_model,
     dynamic_inputs,
+    forget_body_shapes,
     length_field,
     parse_model,
 )
@@ -124,6 +125,8 @@ def _merge(skeleton: onnx.ModelProto, leaves: Iterable[tuple[onnx.ModelProto, di
         setattr(model, field_name, getattr(skeleton, field_name))
     model.metadata_props.extend(skeleton.metadata_props)
     model.functions.extend(functions.values())
+    if not keep_value_info:  # leaves are pinned: their control-flow bodies hold the profiled sizes
+        forget_body_shapes(graph)
     _keep_used_initializers(model)
     return model, bytes(value_info_fields)
 
