@@ -197,3 +197,10 @@ def test_a_model_with_branches_is_checked_and_written_for_other_sizes_too(tmp_pa
     branch = next(n for n in result.model.graph.node if n.op_type == "If")
     assert all(not vi.type.tensor_type.HasField("shape") for g in branch.attribute for vi in g.g.output)
     np.testing.assert_allclose(run_model(result.model, other)["y"], expected, rtol=1e-6)
+
+
+def test_profile_leaves_a_leaf_fed_by_a_sequence_untimed(tmp_path, fast_config):  # noqa: F811
+    path = tmp_path / "seq.onnx"
+    onnx.save(_sequence_model(), path)
+    report = api.profile(str(path), fast_config, granularity=1)
+    assert report.whole_model.latency_ms > 0 and len(report.leaves) >= 2

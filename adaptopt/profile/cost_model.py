@@ -142,8 +142,9 @@ def tensor_table(model: onnx.ModelProto, shapes: Mapping[str, object] | None = N
         if isinstance(value, np.ndarray):
             dims[name] = tuple(int(d) for d in value.shape)
             sizes[name] = float(value.dtype.itemsize)
-        else:
+        elif isinstance(value, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in value):
             dims[name] = tuple(int(d) for d in value)
+        # else a captured sequence or optional value (a list of arrays): no tensor shape to record
     return dims, sizes
 
 

@@ -112,8 +112,9 @@ def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: froze
 
 
 NOT_TIMED = Timing(0.0, 0.0, 0.0, 0, ())
-# a leaf fed by a tensor numpy cannot hold (capture.NO_NUMPY_TYPES, e.g. bfloat16): it cannot
-# be run alone, so it is not timed either (it is not a constant leaf)
+# a leaf fed by a tensor numpy cannot hold (capture.NO_NUMPY_TYPES, e.g. bfloat16) or by a
+# sequence or optional value: it cannot be run alone, so it is not timed either (it is not a
+# constant leaf)
 NOT_RUNNABLE = Timing(0.0, 0.0, 0.0, 0, ())
 
 
@@ -122,7 +123,7 @@ def _profile_leaf(index: GraphIndex, leaf: Subgraph, values: dict, constants: fr
     sub_cost = cost.subset(leaf.node_names)
     if all(n in constants for n in leaf.boundary_outputs):
         return Measurement(NOT_TIMED, {}), sub_cost, classify(sub_cost, 0.0, machine)
-    if any(n not in values for n in leaf.boundary_inputs):
+    if any(not isinstance(values.get(n), np.ndarray) for n in leaf.boundary_inputs):
         return Measurement(NOT_RUNNABLE, {}), sub_cost, classify(sub_cost, 0.0, machine)
     model, feeds = leaf_model(index, leaf, values, constants)
     m = measure(model, feeds, config, counters=True, per_node=False, cost=sub_cost)
