@@ -144,11 +144,7 @@ def test_odd_model_split_merge_round_trip(tmp_path, case):
 def _odd_runs():
     for command in [c for c in ("profile", "optimize") if c in cli.commands]:
         for case in ODD_MODELS:
-            marks = ()
-            if command == "profile" and case.name == "sequence_optional_string":
-                marks = pytest.mark.xfail(strict=True, reason="issue 3: cost_model.tensor_table int() on a "
-                                          "sequence value (TypeError); remove this mark once fixed")
-            yield pytest.param(command, case, id=f"{command}-{case.name}", marks=marks)
+            yield pytest.param(command, case, id=f"{command}-{case.name}")
 
 
 @pytest.mark.parametrize("command,case", list(_odd_runs()))
