@@ -340,12 +340,12 @@ def test_a_subgraph_also_tries_the_picks_of_its_look_alikes():
              (("fold",), stuck.evaluate(("fold",)), "greedy rollout", ()),
              (("fold",), other.evaluate(("fold",)), "greedy rollout", ())]
     before = [env.measurements for env in (found, stuck, other)]
-    out = _transfer_picks([found, stuck, other], picks, lambda: False)
+    out = _transfer_picks([found, stuck, other], picks, 3, lambda: False)
     assert out[1][0] == ("fuse", "quant") and out[1][2] == "the pick of a look-alike subgraph"
     assert stuck.measurements == before[1] + 1
     assert out[0][0] == ("fuse", "quant") and found.measurements == before[0] + 1  # tried fold, kept its own
     assert out[2][0] == ("fold",) and other.measurements == before[2]  # another kind: not offered
-    assert _transfer_picks([found, stuck], picks[:2], lambda: True)[1][0] == ("fold",)  # out of time: no new try
+    assert _transfer_picks([found, stuck], picks[:2], 3, lambda: True)[1][0] == ("fold",)  # out of time: no new try
 
 
 def test_a_look_alikes_pick_is_tried_without_the_passes_that_do_not_apply():
@@ -358,5 +358,5 @@ def test_a_look_alikes_pick_is_tried_without_the_passes_that_do_not_apply():
     found, other = SyntheticEnv(), NoFold()
     picks = [(("fold", "fuse", "quant"), found.evaluate(("fold", "fuse", "quant")), "greedy rollout", ()),
              (("layout",), other.evaluate(("layout",)), "greedy rollout", ())]
-    out = _transfer_picks([found, other], picks, lambda: False)
+    out = _transfer_picks([found, other], picks, 3, lambda: False)
     assert out[1][0] == ("fuse", "quant")  # fold does not apply there: tried without it, and faster

@@ -195,8 +195,8 @@ def q_learning(envs: Sequence[Environment], table: QTable, settings: QSettings, 
             "best measured during training" if best else "nothing measured beat the original"
         picks.append((best, best_out, chosen_by, rollout))
     results = []
-    picks = _prefixed_picks(envs, _transfer_picks(envs, picks, should_stop), table, settings.max_sequence,
-                            should_stop)
+    picks = _transfer_picks(envs, picks, settings.max_sequence, should_stop)
+    picks = _prefixed_picks(envs, picks, table, settings.max_sequence, should_stop)
     for i, (env, (best, best_out, chosen_by, rollout)) in enumerate(zip(envs, picks)):
         logs[i].append({"final": list(best), "chosen_by": chosen_by, "rollout": list(rollout)})
         results.append(SearchResult(best, best_out, env.evaluate(()), env.measurements, "q-learning",
@@ -213,7 +213,8 @@ def _adapted(env: Environment, sequence: Sequence_) -> Sequence_:
     return kept
 
 
-def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop) -> list[tuple]:
+def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], max_sequence: int,
+                    should_stop) -> list[tuple]:
     """Each subgraph also tries the picks of its look-alikes (same dominant op family), less
     the passes that do not apply to it (one measurement each, the same sequence measured
     once): the table shares values between similar states, but an episode that exploited
@@ -222,20 +223,9 @@ def _transfer_picks(envs: Sequence[Environment], picks: list[tuple], should_stop
     kinds = [env.state(()).family for env in envs]  # look-alikes: the same dominant op family
     out = []
     for i, env in enumerate(envs):
-        best, best_out, chosen_by, rollout = picks[i]
         others = dict.fromkeys(p[0] for j, p in enumerate(picks) if j != i and p[0] and kinds[j] == kinds[i])
-        tried = {best}
-        for seq in others:
-            if should_stop():
-                break
-            seq = _adapted(env, seq)
-            if not seq or seq in tried:
-                continue
-            tried.add(seq)
-            outcome = env.evaluate(seq)
-            if outcome.valid and outcome.time_ms < best_out.time_ms:
-                best, best_out, chosen_by = seq, outcome, "the pick of a look-alike subgraph"
-        out.append((best, best_out, chosen_by, rollout))
+        out.append(_keep_faster(env, picks[i], others, "the pick of a look-alike subgraph", max_sequence,
+                                should_stop))
     return out
 
 
@@ -247,23 +237,32 @@ def _prefixed_picks(envs: Sequence[Environment], picks: list[tuple], table: QTab
     episodes exploit the bigger first win instead (on resnet_small, static QDQ alone
     1.22x, after fuse_conv_bn 1.53x)."""
     out = []
-    for env, (best, best_out, chosen_by, rollout) in zip(envs, picks):
-        root = env.state(()).key
+    for env, pick in zip(envs, picks):
+        root, best = env.state(()).key, pick[0]
         firsts = sorted((a for a in env.actions(()) if a not in best and table.known(root, a)
                          and table.q(root, a) > 0), key=lambda a: -table.q(root, a))
-        tried = {best}
-        for action in firsts[:width]:
-            if should_stop():
-                break
-            seq = _adapted(env, (action,) + best)
-            if seq in tried or len(seq) > max_sequence:
-                continue
-            tried.add(seq)
-            outcome = env.evaluate(seq)
-            if outcome.valid and outcome.time_ms < best_out.time_ms:
-                best, best_out, chosen_by = seq, outcome, "the pick behind a first pass that won alone"
-        out.append((best, best_out, chosen_by, rollout))
+        out.append(_keep_faster(env, pick, [(a,) + best for a in firsts[:width]],
+                                "the pick behind a first pass that won alone", max_sequence, should_stop))
     return out
+
+
+def _keep_faster(env: Environment, pick: tuple, candidates, why: str, max_sequence: int, should_stop) -> tuple:
+    """The fastest of ``pick`` (best, outcome, chosen_by, rollout) and ``candidates`` (less
+    the passes that do not apply here), ``why`` saying when a candidate won; each candidate
+    is measured once, and none longer than ``max_sequence``."""
+    best, best_out, chosen_by, rollout = pick
+    tried = {best}
+    for seq in candidates:
+        if should_stop():
+            break
+        seq = _adapted(env, seq)
+        if not seq or seq in tried or len(seq) > max_sequence:
+            continue
+        tried.add(seq)
+        outcome = env.evaluate(seq)
+        if outcome.valid and outcome.time_ms < best_out.time_ms:
+            best, best_out, chosen_by = seq, outcome, why
+    return best, best_out, chosen_by, rollout
 
 
 # ---------------------------------------------------------------- baselines
