@@ -22,6 +22,13 @@ from tests.test_optimize import _check_promise, fast_config  # noqa: F401 - the 
 N = 16
 
 
+def _model(nodes, inits, name: str, batch: int | str = 4) -> onnx.ModelProto:
+    """x [batch, N] -> ``nodes`` -> y [batch, N], opset 17."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _tied_bias_model() -> onnx.ModelProto:
     """x -> MatMul(w1) + b -> Relu -> MatMul(w2) + tied, where ``tied = Identity(b)`` is
     computed first, far from its use, as torch exports shared parameters."""
@@ -40,9 +47,7 @@ def _tied_bias_model() -> onnx.ModelProto:
              helper.make_node("MatMul", ["s1", "w2"], ["m2"], name="mm2"),
              helper.make_node("Add", ["m2", "tied"], ["a2"], name="add2"),
              helper.make_node("Add", ["a2", "c"], ["y"], name="add3")]
-    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, N])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _model(nodes, inits, "tied")
 
 
 def test_constant_tensors_are_what_the_model_fixes():
@@ -131,9 +136,7 @@ def _sequence_model() -> onnx.ModelProto:
              helper.make_node("SequenceAt", ["seq", "i1"], ["b0"], name="take_b"),
              helper.make_node("MatMul", ["n", "w0"], ["m"], name="mm"),
              helper.make_node("Add", ["m", "b0"], ["y"], name="add")]
-    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, N])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _model(nodes, inits, "seq")
 
 
 def test_a_sequence_crossing_a_leaf_is_neither_a_constant_nor_a_crash(tmp_path, fast_config):  # noqa: F811
@@ -157,17 +160,14 @@ def test_a_sequence_crossing_a_leaf_is_neither_a_constant_nor_a_crash(tmp_path, 
 def _if_model() -> onnx.ModelProto:
     """y = If(cond, x + w, x - w) with a dynamic batch dim."""
     w = numpy_helper.from_array(np.linspace(-1, 1, N, dtype=np.float32), "w")
-    out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
-    then = helper.make_graph([helper.make_node("Add", ["r", "w"], ["t"])], "then", [], [out("t")])
-    other = helper.make_graph([helper.make_node("Sub", ["r", "w"], ["e"])], "else", [], [out("e")])
+    branches = [helper.make_graph([helper.make_node(op, ["r", "w"], [out])], name, [],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+                for op, out, name in (("Add", "t", "then"), ("Sub", "e", "else"))]
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
              helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
-             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
-    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N])],
-                              [w, numpy_helper.from_array(np.float32(0.0).reshape(()), "zero")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=branches[0], else_branch=branches[1])]
+    return _model(nodes, [w, numpy_helper.from_array(np.float32(0.0).reshape(()), "zero")], "if", batch="batch")
 
 
 def test_a_model_with_branches_is_checked_and_written_for_other_sizes_too(tmp_path, fast_config):  # noqa: F811
