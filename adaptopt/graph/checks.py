@@ -33,7 +33,8 @@ MAX_GRAPH_DEPTH = 16
 _ONNX_DOMAINS = {"": "", "ai.onnx": "", "ai.onnx.ml": "ai.onnx.ml"}
 
 
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+def node_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a control-flow node holds (If branches, Loop and Scan bodies)."""
     if not node.attribute:  # most nodes: skip the attribute scan (100k-node graphs are walked thrice)
         return []
     bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
@@ -51,7 +52,7 @@ def graph_depth(graph: onnx.GraphProto, limit: int = MAX_GRAPH_DEPTH) -> int:
         if deepest > limit:
             return deepest
         for node in current.node:
-            work.extend((body, depth + 1) for body in _bodies(node))
+            work.extend((body, depth + 1) for body in node_bodies(node))
     return deepest
 
 
@@ -128,7 +129,7 @@ def rename_duplicate_nodes(graph: onnx.GraphProto) -> None:
         if len(set(names)) != len(names):
             _rename_repeats(current, set(names))
         for node in current.node:
-            work.extend(_bodies(node))
+            work.extend(node_bodies(node))
 
 
 def _rename_repeats(graph: onnx.GraphProto, taken: set[str]) -> None:
@@ -162,7 +163,7 @@ def check_names_are_text(model: onnx.ModelProto, name: str) -> None:
     while work:
         for node in work.pop().node:
             texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
-            work.extend(_bodies(node))
+            work.extend(node_bodies(node))
     for text in texts:
         if isinstance(text, bytes):
             raise InputError(f"{name}: the name {text[:40]!r} is not valid UTF-8 text")
@@ -205,4 +206,4 @@ def check_operators(model: onnx.ModelProto, name: str) -> None:
                 domain = node.domain or "ai.onnx"
                 raise InputError(f"{name}: node '{node.name}' uses operator {domain}::{node.op_type}, which neither "
                                  "ONNX nor onnxruntime implements and the model does not define")
-            work.extend(_bodies(node))
+            work.extend(node_bodies(node))

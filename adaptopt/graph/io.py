@@ -41,6 +41,7 @@ from adaptopt.graph.checks import (
     check_nesting,
     check_operators,
     check_opsets,
+    node_bodies,
 )
 from adaptopt.graph.external import (  # some re-exported for the graph modules
     BLOCK_BYTES,
@@ -558,21 +559,14 @@ def forget_body_shapes(graph: onnx.GraphProto) -> None:
     nested too): on a pinned model they hold the profiled sizes, and ONNX Runtime refuses
     a branch whose output then has another size ("has shape {4,16} but the computed output
     shape for this run is {2,16}"). Types stay; shapes are optional in ONNX."""
-    work = [attr.g for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
-    work += [g for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPHS
-             for g in attr.graphs]
+    work = [body for node in graph.node for body in node_bodies(node)]
     while work:
         body = work.pop()
         del body.value_info[:]
         for vi in body.output:
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
-        for node in body.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    work.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    work.extend(attr.graphs)
+        work.extend(inner for node in body.node for inner in node_bodies(node))
 
 
 def check_writable(target: str | Path, what: str, directory: bool = False) -> None:
