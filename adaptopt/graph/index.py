@@ -30,11 +30,13 @@ from onnx import TensorProto, helper
 from adaptopt.errors import InputError
 
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                     "Bernoulli", "Dropout"}  # (Dropout: random in training mode)
-# ops whose outputs are sequences or optionals: never a leaf's initializer
-_NOT_TENSOR_OUTPUTS = {"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence",
-                       "Optional"}
+# ops whose outputs are random: never a constant, never folded
+NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                              "Multinomial", "Bernoulli"})
+# not a leaf's constant either: Dropout (random in training mode) and the ops whose outputs
+# are sequences or optionals (a leaf's initializer is a tensor)
+_NOT_LEAF_CONSTANT = NONDETERMINISTIC | {"Dropout", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
+                                         "SequenceErase", "SplitToSequence", "Optional"}
 
 
 def subgraph_outer_inputs(node: onnx.NodeProto) -> list[str]:
@@ -146,8 +148,7 @@ class GraphIndex:
                 return not name or name in derived or (name in self.initializers and name not in listed)
 
             for node in self.nodes:
-                if node.op_type in _NONDETERMINISTIC or node.op_type in _NOT_TENSOR_OUTPUTS \
-                        or node.domain not in ("", "ai.onnx") \
+                if node.op_type in _NOT_LEAF_CONSTANT or node.domain not in ("", "ai.onnx") \
                         or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                for a in node.attribute):
                     continue

@@ -21,11 +21,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from adaptopt.config import TargetConfig
+from adaptopt.graph.index import NONDETERMINISTIC
 from adaptopt.passes.base import PassContext
 from adaptopt.passes.edit import GraphEditor, RulePass, attr, has_subgraph
 
-NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                              "Multinomial", "Bernoulli"})
 # Q/DQ pairs are the quantization format itself: folding DQ(weight) would undo it.
 NEVER_FOLD = NONDETERMINISTIC | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 MAX_FOLD_BYTES = 1 << 22
