@@ -225,12 +225,13 @@ def test_baselines_on_synthetic_env():
 
 def test_oracle_searches_whole_levels_within_its_limit():
     """The oracle goes as deep as its limit allows and never searches a level in part."""
+    # 5 passes; 'broken' fails, so nothing is searched after it: 5 + 4*4 + 4*3*3 sequences
     full = oracle(SyntheticEnv(), 3)
-    assert full.decisions == [{"depth": 3, "sequences": full.decisions[0]["sequences"]}]
+    assert full.decisions == [{"depth": 3, "sequences": 5 + 16 + 36}]
     level_one = len(SyntheticEnv().actions(()))
-    shallow = oracle(SyntheticEnv(), 3, limit=level_one)
+    shallow = oracle(SyntheticEnv(), 3, limit=level_one + 15)  # level two (16) does not fit whole
     assert shallow.decisions == [{"depth": 1, "sequences": level_one}]
-    assert all(len(seq) <= 1 for seq in [shallow.sequence])
+    assert len(shallow.sequence) == 1
     assert oracle(SyntheticEnv(), 3, limit=level_one - 1).decisions[0]["depth"] == 0
 
 
