@@ -268,21 +268,19 @@ class SubgraphEnv:
         check = compare(self.other_reference, outputs, self.accuracy.exact_tolerance, budget)
         return "" if check.ok else f"fails at other sizes of the dynamic dims: {check.reason}"
 
-    def runnable(self, model: onnx.ModelProto,
-                 feeds: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
-        """``model`` (a rewrite of this subgraph) and ``feeds`` (default: the captured
-        boundary) as they are run and timed, which is as ONNX Runtime sees that part of the
-        written model: :attr:`constants` still among its inputs become initializers, and on a
-        model with dynamic dims the leaf's dims that follow them are opened again.
+    def runnable(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Mapping[str, np.ndarray]]:
+        """``model`` (a rewrite of this subgraph) and the captured boundary feeds as they are
+        run and timed, which is as ONNX Runtime sees that part of the written model:
+        :attr:`constants` still among its inputs become initializers, and on a model with
+        dynamic dims the leaf's dims that follow them are opened again.
 
         Both changed what ONNX Runtime fuses at load. Fed as inputs, tied weights were not
         folded; pinned to static shapes, MatMul+Add became Gemm with Reshapes, where the
         written (dynamic) convnext gets MatMul+BiasGelu: its leaves gained 7.5-10% alone from
         ``fuse_attention``, which gained ~2% in the model."""
-        feeds = self.feeds if feeds is None else feeds
         if self.other_feeds is not None and self._opens():
             model = open_varying_dims(model, [(self.feeds, self.other_feeds), (self.reference, self.other_reference)])
-        return embed_constants(model, feeds, self.constants)
+        return embed_constants(model, self.feeds, self.constants)
 
     def _opens(self) -> bool:
         """Whether this leaf runs with its varying dims open (checked once, on the original)."""
