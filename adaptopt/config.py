@@ -58,6 +58,10 @@ class ProfilingConfig:
     per_node: bool = True
     isolate: bool = True  # run and time subgraphs in a worker process (a crash costs one step)
     timeout_s: float = 120.0  # per subgraph run/timing in the worker
+    # end-to-end gains of 1-3% are timed again in this many pairs of fresh processes, each
+    # model alone, and kept only when they hold there (0: such gains are not kept)
+    apart_pairs: int = 8
+    apart_seconds: float = 0.5  # each process times its model this long (and at least 5 runs)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ _RULES: dict[str, dict[str, tuple]] = {
         "per_node": _BOOL,
         "isolate": _BOOL,
         "timeout_s": _POS_FLOAT,
+        "apart_pairs": (int, lambda v: v == 0 or 5 <= v <= 100, "0 or an integer in [5, 100]"),
+        "apart_seconds": (float, lambda v: 0 <= v <= 60 and math.isfinite(v), "a number in [0, 60]"),
     },
     "policy": {
         "RL_training_epochs": (int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"),

@@ -23,7 +23,7 @@ from tests.make_bad_models import write_valid
 
 FAST_YAML = """
 granularity: {initial_granularity: 1, min_nodes: 3, max_rounds: 1}
-profiling: {warmup: 1, iterations: 5, min_time_s: 0.0, max_time_s: 0.2, per_node: true}
+profiling: {warmup: 1, iterations: 5, min_time_s: 0.0, max_time_s: 0.2, per_node: true, apart_pairs: 5, apart_seconds: 0.02}
 policy: {RL_training_epochs: 2, max_sequence: 2, cache_dir: CACHE}
 budget: {seconds: 60}
 """

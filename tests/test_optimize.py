@@ -19,7 +19,7 @@ from tests.conftest import BERT_INPUTS, run_model
 
 FAST_YAML = """
 granularity: {initial_granularity: 1, min_nodes: 3, max_rounds: 1}
-profiling: {warmup: 1, iterations: 5, min_time_s: 0.0, max_time_s: 0.2, per_node: true}
+profiling: {warmup: 1, iterations: 5, min_time_s: 0.0, max_time_s: 0.2, per_node: true, apart_pairs: 5, apart_seconds: 0.02}
 policy: {RL_training_epochs: 2, max_sequence: 2}
 budget: {seconds: 120}
 """
@@ -28,7 +28,8 @@ budget: {seconds: 120}
 @pytest.fixture
 def fast_config(tmp_path) -> Config:
     return Config(granularity=Config().granularity.__class__(initial_granularity=1, min_nodes=3, max_rounds=1),
-                  profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2),
+                  profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2,
+                                            apart_pairs=5, apart_seconds=0.02),
                   policy=Config().policy.__class__(RL_training_epochs=2, max_sequence=2,
                                                    cache_dir=str(tmp_path / "cache")))
 

@@ -491,7 +491,8 @@ def test_keep_subgraphs_merges_with_dynamic_signature(tmp_path, dims, pinned, ot
     save_model(original, tmp_path / "m.onnx")
     config = Config(inputs={"x": InputSpec(shape=pinned)},
                     granularity=Config().granularity.__class__(initial_granularity=1, min_nodes=3, max_rounds=1),
-                    profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2),
+                    profiling=ProfilingConfig(warmup=1, iterations=5, min_time_s=0.0, max_time_s=0.2,
+                                              apart_pairs=5, apart_seconds=0.02),
                     policy=Config().policy.__class__(RL_training_epochs=2, max_sequence=2,
                                                      cache_dir=str(tmp_path / "cache")))
     result = api.optimize(tmp_path / "m.onnx", config, keep_subgraphs=tmp_path / "kept")

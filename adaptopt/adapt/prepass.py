@@ -120,12 +120,12 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
             f"every exact pass that applied was dropped ({', '.join(d['pass'] for d in dropped)})"
         return pre
     signed = pre.cleaned = with_signature(current, skeleton)
-    pre.side = cached_side_by_side(cache, config.target, skeleton, signed, feeds)
+    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds)
     if not pre.side.significant():
-        pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.speedup:.3f}x, noise {pre.side.noise:.3f})"
+        pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.describe()})"
         return pre
     pre.model, pre.kept = pinned_copy(signed, config, "pre-pass"), True
-    pre.reason = f"verified speedup {pre.side.speedup:.3f}x"
+    pre.reason = f"verified speedup {pre.side.describe()}"
     return pre
 
 
@@ -142,7 +142,7 @@ def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onn
     if not validation.ok:
         return f"changes the outputs: {validation.reason}"
     # only "slower?" is asked here: a gain hidden by the noise keeps the step either way
-    side = cached_side_by_side(cache, config.target, before, after, feeds, purpose=":step", settle_gains=False,
+    side = cached_side_by_side(cache, config, before, after, feeds, purpose=":step", settle_gains=False,
                                max_seconds=STEP_SECONDS)
     if side.slower():
         return f"slower ({side.speedup:.3f}x, A/A noise {side.noise:.3f})"

@@ -57,5 +57,5 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, c
     if final is None:
         return assembly
     return Assembly(best, True, best_validation, final, {}, assembly.events,
-                    f"verified speedup {final.speedup:.3f}x with a whole-model lossy rewrite "
-                    f"(A/A noise {final.noise:.3f}); it beat the per-subgraph result", {})
+                    f"verified speedup {final.describe()} with a whole-model lossy rewrite; "
+                    "it beat the per-subgraph result", {})

@@ -1,0 +1,113 @@
+"""Small end-to-end gains (1-3%) count only when they hold with each model timed alone
+in a fresh process of its own (verify.apart), as a user runs the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from adaptopt.adapt import assemble, verify
+from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.adapt.verify import SideBySide, apart, confirm_small_gain, time_alone
+from adaptopt.config import Config, ProfilingConfig, parse_config
+from adaptopt.errors import InputError
+from adaptopt.examples import build_resnet
+from adaptopt.graph.capture import make_inputs
+
+GAIN_2 = math.log(1.02)
+
+
+def pairs(*ratios: float) -> tuple[float, ...]:
+    return tuple(math.log(r) for r in ratios)
+
+
+@pytest.mark.parametrize("candidate, aa, needs", [
+    (9.80, 10.02, True),   # 1.020x, A/A 0.2%: beyond the noise, under the 3% floor
+    (9.50, 10.02, False),  # 1.053x: above the floor, kept without timing apart
+    (9.95, 10.0, False),   # 1.005x: under the 1% that timing apart could confirm
+    (9.80, 10.3, False),   # 1.020x inside a 3% A/A band: noise, not a gain
+])
+def test_which_gains_are_timed_apart(candidate, aa, needs):
+    assert SideBySide(10.0, candidate, aa, 15).needs_apart() is needs
+
+
+@pytest.mark.parametrize("ratios, agreed", [
+    ((1.02,) * 8, True),
+    ((1.02,) * 7 + (0.99,), True),           # 1 of 8 against: a sign test still agrees (p = 0.035)
+    ((1.02,) * 6 + (0.99, 0.99), False),     # 2 of 8 against: p = 0.145
+    ((1.02,) * 5, True),                     # 5 of 5: p = 0.031
+    ((1.02,) * 4, False),                    # 4 pairs can never reach p <= 0.05
+    ((1.005,) * 8, False),                   # every pair agrees, but by less than 1%
+    ((), False),
+])
+def test_a_small_gain_counts_only_when_the_pairs_apart_agree(ratios, agreed):
+    side = SideBySide(10.0, 9.8, 10.02, 15, apart=pairs(*ratios))
+    assert side.agreed_apart() is agreed
+    assert side.significant() is agreed
+    assert not side.needs_apart()  # timed once: not again
+    data = side.to_dict()["apart"]
+    assert data["agreed"] is agreed and len(data["pairs"]) == len(ratios)
+    assert ("timed apart" in side.describe()) is bool(ratios)
+
+
+def test_pairs_apart_never_rescue_a_gain_inside_the_noise():
+    side = SideBySide(10.0, 9.8, 10.3, 15, apart=pairs(*(1.05,) * 8))
+    assert not side.significant()
+
+
+def test_zero_pairs_turns_timing_apart_off(monkeypatch):
+    monkeypatch.setattr(verify, "apart", lambda *a, **k: pytest.fail("timed apart with apart_pairs 0"))
+    side = SideBySide(10.0, 9.8, 10.02, 15)
+    assert confirm_small_gain(side, None, None, {}, Config().target, ProfilingConfig(apart_pairs=0)) is side
+    assert not side.significant()
+
+
+def test_pairs_apart_run_each_model_in_its_own_process():
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config()
+    feeds = make_inputs(model, config)
+    assert time_alone(model, feeds, config.target, seconds=0.01) > 0.0
+    ratios = apart(model, model, feeds, config.target, pairs=5, seconds=0.01)
+    assert len(ratios) == 5 and all(math.isfinite(r) for r in ratios)
+
+
+def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch):
+    """Same seed and cache, same decision: a rerun reads the pairs back instead of timing again."""
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=5))
+    gray = SideBySide(10.0, 9.8, 10.02, 15)
+    monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: gray)
+    calls = []
+
+    def fake_apart(original, candidate, feeds, target, n, seconds):
+        calls.append(n)
+        return pairs(*(1.02,) * n)
+    monkeypatch.setattr(verify, "apart", fake_apart)
+    first = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
+    again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
+    assert calls == [5]
+    assert first.significant() and again.significant()
+    assert again.apart == pytest.approx(first.apart)
+    # a step that only asks "slower?" is never timed apart
+    assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {}, purpose=":step",
+                                 settle_gains=False)
+    assert calls == [5]
+
+
+@pytest.mark.parametrize("value", [3, -1, 101, "many"])
+def test_apart_pairs_is_checked(value):
+    with pytest.raises(InputError, match="apart_pairs"):
+        parse_config(f"profiling:\n  apart_pairs: {value}\n")
+
+
+def test_the_report_shows_the_pairs_apart():
+    from adaptopt.report.optimize import render_markdown
+    side = SideBySide(10.0, 9.8, 10.02, 15, apart=pairs(*(1.02,) * 7, 0.99))
+    result = {"message": f"verified speedup {side.describe()}", "speedup": 1.02,
+              "latency_ms": {"original": 10.0, "optimized": 9.8}, "aa_noise": 0.002,
+              "apart": side.to_dict()["apart"], "accuracy": {"max_abs_diff": 0.0, "min_cosine": 1.0}}
+    text = render_markdown({"model": {"name": "m"}, "result": result})
+    assert "1.020x timed apart in 8 pairs of processes (agreed)" in text
+    assert "Timed apart (each model alone in a fresh process, 8 pairs): 1.02x" in text
+    assert "0.99x: agreed." in text
