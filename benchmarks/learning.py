@@ -2,7 +2,8 @@
 
 For each model, the most expensive leaves of its partition are searched by every
 strategy — Q-learning (cold, and from the built-in prior, which was trained on
-generated models that are none of these), random search at Q's measurement count, the seed's
+generated models that are none of these), random search at Q's measurement count (the mean
+of ``RANDOM_SEEDS`` seeds: one seed's luck is not random search's expected result), the seed's
 static heuristic (compute-bound -> compute passes, else memory passes), greedy, and
 an exhaustive oracle over every sequence up to the policy's longest (4 passes), as deep
 as fits in ``ORACLE_LIMIT`` sequences per leaf (whole levels: depth 4 where 2-4 passes
@@ -49,6 +50,7 @@ ORACLE_LIMIT = 200  # sequences per leaf; the oracle searches every level that f
 LEAVES_PER_MODEL = 4
 ACCURACY_BUDGET = 0.999
 DEFAULT_MODELS = ("resnet_small", "bert_small", "ch_ppocr_mobile_v2.0_cls_infer", "roberta-small")
+RANDOM_SEEDS = 5
 RETIME_ROUNDS = 21  # 7 left +-0.3 swings in the gain shares between runs of the same code
 # warm start is judged between models of the same kind (a conv net's table says nothing about
 # attention); the last pair is the control that shows it: a conv table on a transformer
@@ -112,12 +114,30 @@ def _searches(config, ctx, leaves) -> dict[str, list]:
     if prior is not None:  # the built-in prior was trained on generated models, none of these
         runs["q-learning (prior)"] = q_learning(fresh(), QTable.load(prior), settings, seed=0)
     per_leaf_budget = [max(2, r.measurements) for r in runs["q-learning"]]
-    runs["random"] = [random_search(env, b, settings.max_sequence, seed=0)
-                      for env, b in zip(fresh(), per_leaf_budget)]
+    for seed in range(RANDOM_SEEDS):
+        runs[f"random/{seed}"] = [random_search(env, b, settings.max_sequence, seed=seed)
+                                  for env, b in zip(fresh(), per_leaf_budget)]
     bounds = [env.features(()).bound for env in fresh()]
     runs["heuristic"] = [heuristic(env, bound, settings.max_sequence) for env, bound in zip(fresh(), bounds)]
     runs["greedy"] = [greedy_search(env, settings.max_sequence) for env in fresh()]
     return runs
+
+
+def _pool_random(rows: dict) -> dict:
+    """The "random/SEED" rows as one "random" row, in the order they came: mean speedups and
+    measurements over the seeds, each seed's speedup in ``seeds``."""
+    seeds = [rows[name] for name in rows if name.startswith("random/")]
+    pooled = {"speedup": round(statistics.fmean(r["speedup"] for r in seeds), 4),
+              "search_speedup": round(statistics.fmean(r["search_speedup"] for r in seeds), 4),
+              "measurements": round(statistics.fmean(r["measurements"] for r in seeds), 1),
+              "seeds": [r["speedup"] for r in seeds], "sequences": seeds[0]["sequences"]}
+    out = {}
+    for name, row in rows.items():
+        if name == "random/0":
+            out["random"] = pooled
+        elif not name.startswith("random/"):
+            out[name] = row
+    return out
 
 
 def _compare(case, args) -> dict:
@@ -128,6 +148,7 @@ def _compare(case, args) -> dict:
     retimed = _retime(ctx, leaves, list(runs.values()))
     rows = {name: dict(_score(results, leaves, retimed), search_speedup=_score(results, leaves)["speedup"])
             for name, results in runs.items()}
+    rows = _pool_random(rows)
     oracle_row = rows["oracle"]
     for row in rows.values():
         row["of_oracle_speedup"] = round((row["speedup"] - 1) / (oracle_row["speedup"] - 1), 3) \
@@ -173,6 +194,8 @@ def render(result: dict, markdown: bool) -> str:
         for name, row in m["strategies"].items():
             if name == "oracle" and m.get("oracle_depths"):
                 name = f"oracle (depth {'/'.join(map(str, m['oracle_depths']))})"
+            if row.get("seeds"):
+                name = f"random (mean of {len(row['seeds'])} seeds, {min(row['seeds'])}-{max(row['seeds'])})"
             rows.append([m["model"], name, row["speedup"], row.get("search_speedup"), row["measurements"],
                          row["of_oracle_speedup"], row["of_oracle_measurements"]])
     out = [tabulate(rows, headers=["model", "strategy", "leaf speedup (re-timed)", "during search", "measurements",

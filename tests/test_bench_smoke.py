@@ -78,3 +78,19 @@ def test_generated_chain_and_profile_leaf_sum():
                             {"id": "1", "parent": "0", "latency_ms": 1.0},
                             {"id": "2", "parent": "0", "latency_ms": 1.5}]}
     assert leaf_sum_ms(report) == 2.5
+
+
+def test_learning_random_rows_pool_their_seeds():
+    """Random search is scored as the mean over its seeds (one seed's luck is not its expected result)."""
+    from benchmarks.learning import _pool_random, render
+    row = lambda s, m: {"speedup": s, "search_speedup": s + 0.1, "measurements": m, "sequences": {}}  # noqa: E731
+    rows = _pool_random({"oracle": row(2.0, 40), "random/0": row(1.5, 10), "q-learning": row(1.9, 12),
+                         "random/1": row(1.9, 12)})
+    assert list(rows) == ["oracle", "random", "q-learning"]
+    assert rows["random"]["speedup"] == 1.7 and rows["random"]["measurements"] == 11
+    assert rows["random"]["seeds"] == [1.5, 1.9]
+    for r in rows.values():
+        r.update(of_oracle_speedup=None, of_oracle_measurements=None)
+    text = render({"models": [{"model": "m", "strategies": rows}], "transfer": [], "leaves_per_model": 4,
+                   "accuracy_budget": 0.999, "oracle_limit": 200}, markdown=True)
+    assert "random (mean of 2 seeds, 1.5-1.9)" in text
