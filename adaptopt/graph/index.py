@@ -39,6 +39,58 @@ _NOT_LEAF_CONSTANT = NONDETERMINISTIC | {"Dropout", "SequenceConstruct", "Sequen
                                          "SequenceErase", "SplitToSequence", "Optional"}
 
 
+# the first IR version whose graph inputs may be initializers the user overrides by feeding
+# them (below it every initializer had to be listed as an input, so a listed one is a constant)
+OVERRIDABLE_IR_VERSION = 4
+
+
+def overridable_initializers(model: onnx.ModelProto) -> frozenset[str]:
+    """Main-graph initializers the user may replace at run time by feeding the graph input
+    of the same name: those listed in ``graph.input`` of a model of IR version >= 4.
+
+    The one rule every constant query and pass goes through. It is ONNX Runtime's
+    (``Graph::GetConstantInitializer``: an initializer that is also a graph input is not a
+    constant when ``CanOverrideInitializer()``, i.e. ``ir_version >= 4``): ORT neither folds
+    nor fuses through such a weight, and a rewrite that baked its default value in would
+    ignore what the user feeds. Below IR 4 the listing is mandatory and means nothing, so
+    there they are constants."""
+    if model.ir_version < OVERRIDABLE_IR_VERSION:
+        return frozenset()
+    graph = model.graph
+    listed = {i.name for i in graph.input}
+    if not listed:
+        return frozenset()
+    return frozenset(t.name for t in graph.initializer if t.name in listed) | \
+        frozenset(t.values.name for t in graph.sparse_initializer if t.values.name in listed)
+
+
+def listed_constants(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers listed in ``graph.input`` that are constants all the same: those of a
+    model below IR 4, which had to list every initializer (ONNX Runtime refuses a feed of
+    one: "Invalid input name"). They are no inputs of the model."""
+    if model.ir_version >= OVERRIDABLE_IR_VERSION:
+        return frozenset()
+    graph = model.graph
+    inits = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    return frozenset(i.name for i in graph.input if i.name in inits)
+
+
+def raise_to_ir_4(model: onnx.ModelProto) -> bool:
+    """Give a model below IR 4 IR version 4 with the same meaning, in place: its
+    :func:`listed_constants` leave ``graph.input`` (listed at IR 4 they would be
+    overridable, see :func:`overridable_initializers`). A rewrite adds initializers that
+    IR < 4 would require listed too; at IR 4 they need not be. True when changed."""
+    if model.ir_version >= OVERRIDABLE_IR_VERSION:
+        return False
+    constants = listed_constants(model)
+    graph = model.graph
+    kept = [i for i in graph.input if i.name not in constants]
+    del graph.input[:]
+    graph.input.extend(kept)
+    model.ir_version = OVERRIDABLE_IR_VERSION
+    return True
+
+
 def subgraph_outer_inputs(node: onnx.NodeProto) -> list[str]:
     """Tensors that the bodies of a control-flow node read from the enclosing scope."""
     outer: list[str] = []
@@ -136,16 +188,16 @@ class GraphIndex:
 
     def constant_tensors(self) -> frozenset[str]:
         """Node outputs whose value the model fixes: those of deterministic nodes that read
-        only initializers not listed as graph inputs (a listed one may be fed, so ONNX
-        Runtime does not fold it) or such outputs (``Constant``, an ``Identity`` tying
-        one weight to another). ONNX Runtime folds and fuses through them at load, so a
-        leaf that gets one as an input must not be timed as if it varied."""
+        only initializers that are not overridable (:func:`overridable_initializers`: one
+        the user may feed is not folded by ONNX Runtime) or such outputs (``Constant``, an
+        ``Identity`` tying one weight to another). ONNX Runtime folds and fuses through
+        them at load, so a leaf that gets one as an input must not be timed as if it varied."""
         if "constants" not in self._derived:
-            listed = {i.name for i in self.model.graph.input}
+            overridable = overridable_initializers(self.model)
             derived: set[str] = set()
 
             def fixed(name: str) -> bool:
-                return not name or name in derived or (name in self.initializers and name not in listed)
+                return not name or name in derived or (name in self.initializers and name not in overridable)
 
             for node in self.nodes:
                 if node.op_type in _NOT_LEAF_CONSTANT or node.domain not in ("", "ai.onnx") \

@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 
 from adaptopt.config import Config, InputSpec
 from adaptopt.errors import InputError
+from adaptopt.graph.index import raise_to_ir_4
 from adaptopt.graph.checks import (
     check_graph_names,
     check_names_are_text,
@@ -336,9 +337,10 @@ def load_model_and_signature(source: str | Path, config: Config | None = None, *
     skip = deferred.positions if deferred is not None else ()
     attach_external_data(model, path.parent if path is not None else Path.cwd(), name, skip=skip)
     check_model(model, name, structure=False)
-    # IR < 4 requires every initializer to be a graph input too; subgraphs and merged
-    # models list only real inputs, which IR 4 allows with the same meaning.
-    model.ir_version = max(model.ir_version, 4)
+    # IR < 4 requires every initializer to be a graph input too, and there they are still
+    # constants; at IR 4 a listed one is an input the user may feed. Subgraphs and merged
+    # models list only real inputs, so the model moves to IR 4 without those listings.
+    raise_to_ir_4(model)
     signature = signature_model(model)
     if config is not None and config.inputs:
         model = pin_input_shapes(model, config.inputs, name)

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from adaptopt.errors import InputError
-from adaptopt.graph.index import GraphIndex, has_type
+from adaptopt.graph.index import GraphIndex, has_type, overridable_initializers
 from adaptopt.graph.io import (
     EXTERNAL_THRESHOLD,
     ModelPieces,
@@ -82,6 +82,9 @@ def _range_head(index: GraphIndex, start: int, stop: int, name: str) -> tuple[on
     graph = model.graph
     graph.name = name
     graph.input.extend(_value_info(index, n) for n in inputs)
+    # an initializer the user may feed stays one here too: unlisted, passes would fold it
+    overridable = overridable_initializers(src)
+    graph.input.extend(_value_info(index, n) for n in inits if n in overridable)
     graph.output.extend(_value_info(index, n) for n in outputs)
     model.opset_import.extend(src.opset_import)
     model.functions.extend(src.functions)

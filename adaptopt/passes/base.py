@@ -5,8 +5,11 @@ its boundary tensors, sometimes a whole model) and returns a :class:`PassResult`
 with a *new* model; the input is never mutated. Every pass keeps the names and order
 of the graph's inputs and outputs and the default-domain opset; nodes it creates
 carry its name as a prefix (``fuse_conv_bn/...``), so an optimized model explains
-itself. :func:`finish` enforces these rules for every pass, so a pass that breaks
-them fails loudly (:class:`PassContractError`, a bug) instead of corrupting a merge.
+itself. An initializer the user may override (listed as a graph input, IR >= 4: see
+``graph.index.overridable_initializers``) is part of that boundary: no pass folds,
+fuses, drops or retypes it. :func:`finish` enforces these rules for every pass, so a
+pass that breaks them fails loudly (:class:`PassContractError`, a bug) instead of
+corrupting a merge.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import onnx
 
 from adaptopt.config import TargetConfig
+from adaptopt.graph.index import listed_constants, overridable_initializers, raise_to_ir_4
 
 Category = Literal["compute", "memory", "hybrid"]
 Guarantee = Literal["exact", "lossy"]
@@ -155,6 +159,34 @@ def ort_tool() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def detach_overridable(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Take the overridable initializers (:func:`overridable_initializers`) out of
+    ``model.graph.initializer``, leaving their graph inputs: plain runtime inputs to the
+    tool that sees ``model`` next. ORT's quantizers and fusion scripts treat every
+    initializer as a weight to quantize, merge or drop from the inputs, whether the user
+    may feed it or not; as an input it is left alone. Returns what was taken, for
+    :func:`reattach_overridable`."""
+    names = overridable_initializers(model)
+    if not names:
+        return []
+    graph = model.graph
+    taken = [t for t in graph.initializer if t.name in names]
+    kept = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return taken
+
+
+def reattach_overridable(model: onnx.ModelProto, taken: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """Give ``model`` (a tool's output) back the initializers :func:`detach_overridable`
+    took, as defaults of the graph inputs of the same name; one whose input the tool
+    dropped stays out, and the boundary checks then refuse the result."""
+    listed = {i.name for i in model.graph.input}
+    present = {t.name for t in model.graph.initializer}
+    model.graph.initializer.extend(t for t in taken if t.name in listed and t.name not in present)
+    return model
+
+
 def apply_guarded(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> tuple[PassResult | None, str]:
     """``p.apply`` for the optimizer: a failure comes back as one line naming the pass.
 
@@ -192,8 +224,11 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def boundary_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Names of the graph's inputs and outputs, in order (what a pass must keep)."""
-    return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    """Names of the graph's inputs and outputs, in order (what a pass must keep). An
+    initializer listed as an input is one (the user may feed it) except below IR 4,
+    where the listing was mandatory (:func:`listed_constants`)."""
+    constants = listed_constants(model)
+    return [i.name for i in model.graph.input if i.name not in constants], [o.name for o in model.graph.output]
 
 
 def ensure_domain(model: onnx.ModelProto, domain: str = MS_DOMAIN, version: int = 1) -> None:
@@ -206,8 +241,13 @@ def _node_names(model: onnx.ModelProto) -> set[str]:
 
 
 def finish(original: onnx.ModelProto, model: onnx.ModelProto, pass_name: str) -> onnx.ModelProto:
-    """Enforce the contract on a rewritten model and stamp the nodes the pass created."""
+    """Enforce the contract on a rewritten model and stamp the nodes the pass created.
+
+    A model below IR 4 comes out at IR 4 (:func:`raise_to_ir_4`, the same meaning): the
+    initializers a rewrite adds need not be listed as graph inputs there."""
+    raise_to_ir_4(model)
     _check_boundary(original, model, pass_name)
+    _check_overridable(original, model, pass_name)
     if default_opset(model) != default_opset(original):
         raise PassContractError(f"pass {pass_name} changed the default opset "
                                 f"{default_opset(original)} -> {default_opset(model)}")
@@ -226,9 +266,30 @@ def _check_boundary(original: onnx.ModelProto, model: onnx.ModelProto, pass_name
     if before != after:
         raise PassContractError(f"pass {pass_name} changed the graph inputs/outputs {before} -> {after}")
     orig_types = {v.name: v.type.SerializeToString() for v in list(original.graph.input) + list(original.graph.output)}
+    overridable = overridable_initializers(original)
     for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name not in inits and vi.type.SerializeToString() != orig_types[vi.name]:
+        if (vi.name not in inits or vi.name in overridable) and vi.type.SerializeToString() != orig_types[vi.name]:
             raise PassContractError(f"pass {pass_name} changed the type of boundary tensor '{vi.name}'")
+
+
+def _check_overridable(original: onnx.ModelProto, model: onnx.ModelProto, pass_name: str) -> None:
+    """Every overridable initializer of ``original`` is still one, of the same type and
+    shape: the user may feed it, so no pass may drop, rename or retype that default (nor
+    fold it, which :meth:`GraphEditor.const` and :func:`detach_overridable` prevent; its
+    bytes are not compared, which for a model exported with every weight as an input
+    would copy them all for each pass)."""
+    before = overridable_initializers(original)
+    if not before:
+        return
+    lost = sorted(before - overridable_initializers(model))
+    if lost:
+        raise PassContractError(f"pass {pass_name} dropped the overridable initializer(s) {lost} "
+                                "(initializers the user may feed as graph inputs)")
+    old = {t.name: (t.data_type, tuple(t.dims)) for t in original.graph.initializer if t.name in before}
+    for t in model.graph.initializer:
+        if t.name in old and (t.data_type, tuple(t.dims)) != old[t.name]:
+            raise PassContractError(f"pass {pass_name} changed the type or shape of the overridable "
+                                    f"initializer '{t.name}'")
 
 
 def _stamp_new_nodes(original: onnx.ModelProto, model: onnx.ModelProto, pass_name: str) -> None:

@@ -191,7 +191,7 @@ class CommonSubexpressionPass(RulePass):
     def _dedupe_constants(ed: GraphEditor) -> int:
         first: dict[bytes, str] = {}
         count = 0
-        names = [n for n in ed.inits if n not in ed.graph_inputs]
+        names = [n for n in ed.inits if n not in ed.overridable]  # a weight the user may feed is no duplicate
         names += [n.output[0] for n in ed.nodes if n.op_type == "Constant" and _is_default(n)]
         for name in names:
             value = ed.const(name)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from adaptopt.graph.index import subgraph_outer_inputs
+from adaptopt.graph.index import overridable_initializers, subgraph_outer_inputs
 from adaptopt.passes.base import Applicability, Pass, PassContext, no, yes
 
 GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -94,6 +94,9 @@ class GraphEditor:
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.inits: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.inits]
+        # weights the user may feed (see overridable_initializers): never constants here, and
+        # kept with their graph input by commit, so no rewrite can bake their value in
+        self.overridable = overridable_initializers(model)
         self.graph_outputs = [o.name for o in self.graph.output]
         self._output_set = set(self.graph_outputs)
         self.value_info = {vi.name: vi for vi in list(self.graph.input) + list(self.graph.value_info)
@@ -142,7 +145,8 @@ class GraphEditor:
         return name in self._output_set
 
     def is_boundary(self, name: str) -> bool:
-        return name in self._output_set or name in self.graph_inputs
+        """A graph output, a graph input, or an overridable initializer (an input with a default)."""
+        return name in self._output_set or name in self.graph_inputs or name in self.overridable
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
         """The only reader of ``name`` when it is not also a graph output."""
@@ -150,13 +154,16 @@ class GraphEditor:
         return users[0] if len(users) == 1 and not self.is_output(name) else None
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or ``Constant`` output; None when not constant."""
+        """The value of an initializer or ``Constant`` output; None when not constant,
+        including for an overridable initializer (its value is only a default the user
+        may replace by feeding it, so no rule may fold, fuse or compare it)."""
         if not name:
             return None
         if name not in self._const_cache:
             value = None
-            if name in self.inits and name not in self.graph_inputs:
-                value = numpy_helper.to_array(self.inits[name])
+            if name in self.inits:
+                if name not in self.overridable:
+                    value = numpy_helper.to_array(self.inits[name])
             else:
                 node = self.producer(name)
                 if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):

@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import onnx
 
-from adaptopt.passes.base import Applicability, Pass, PassContext, no, ort_tool, yes
+from adaptopt.graph.index import overridable_initializers
+from adaptopt.passes.base import (
+    Applicability,
+    Pass,
+    PassContext,
+    detach_overridable,
+    no,
+    ort_tool,
+    reattach_overridable,
+    yes,
+)
 from adaptopt.passes.measure import budget_reason
 
 SENSITIVE_OPS = ("Softmax", "LogSoftmax", "LayerNormalization", "SkipLayerNormalization",
@@ -36,7 +46,9 @@ class MixedPrecisionPass(Pass):
         if not any(p in FP16_PROVIDERS for p in eps):
             return no("no GPU provider in the target: ONNX Runtime's CPU float16 kernels were measured slower "
                       "than float32 (BERT-style and ResNet examples, AVX512-FP16 CPU)")
-        floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        overridable = overridable_initializers(model)  # those stay float32 inputs (see transform)
+        floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                  and t.name not in overridable]
         compute = [n for n in model.graph.node if n.op_type not in SENSITIVE_OPS]
         if not floats or not compute:
             return no("no float32 weights feeding ops that are safe in float16")
@@ -50,9 +62,11 @@ class MixedPrecisionPass(Pass):
         before = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
         source = onnx.ModelProto()
         source.CopyFrom(model)
+        overridable = detach_overridable(source)  # a weight the user may feed stays a float32 input
         with ort_tool():
             result = convert_float_to_float16(source, keep_io_types=True,
                                               op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(SENSITIVE_OPS))
+        result = reattach_overridable(result, overridable)
         after = sum(1 for t in result.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
         casts = sum(1 for n in result.graph.node if n.op_type == "Cast") - \
             sum(1 for n in model.graph.node if n.op_type == "Cast")

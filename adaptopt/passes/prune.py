@@ -64,8 +64,8 @@ class EliminateDeadCodePass(RulePass):
             while len(node.output) > 1 and not node.output[-1]:
                 node.output.pop()
         ed.touch()
-        inputs = set(ed.graph_inputs)
-        count += sum(1 for name in ed.inits if name not in used and name not in inputs)
+        listed = {i.name for i in ed.graph.input}  # commit keeps an initializer listed as an input
+        count += sum(1 for name in ed.inits if name not in used and name not in listed)
         return count
 
 
@@ -184,7 +184,10 @@ def cut_channels(ed: GraphEditor, pair: ChannelPair, drop: np.ndarray, values: n
     if np.any(values[drop] != 0):
         per_out = np.moveaxis(w2, axis, -1)[..., drop] @ values[drop]
         per_out = per_out.reshape(per_out.shape[0], -1).sum(axis=1) if per_out.ndim > 1 else per_out
-        old = ed.const(consumer.input[2]) if len(consumer.input) > 2 and consumer.input[2] else None
+        has_bias = len(consumer.input) > 2 and bool(consumer.input[2])
+        old = ed.const(consumer.input[2]) if has_bias else None
+        if has_bias and old is None:
+            return False  # a bias computed or fed at run time (overridable) has no value to add to
         if consumer.op_type == "Gemm":
             old = np.zeros(per_out.shape, np.float32) if old is None else old * attr(consumer, "beta", 1.0)
             set_attr(consumer, "beta", 1.0)

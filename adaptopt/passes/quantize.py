@@ -19,6 +19,7 @@ Each keeps the first setting whose outputs stay within ``ctx.accuracy_budget`` o
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,8 +35,10 @@ from adaptopt.passes.base import (
     PassContext,
     boundary_names,
     default_opset,
+    detach_overridable,
     no,
     ort_tool,
+    reattach_overridable,
     yes,
 )
 from adaptopt.passes.edit import GraphEditor, attr, constants_to_initializers
@@ -113,11 +116,12 @@ class QuantizeDynamicPass(Pass):
         constants_to_initializers(model)  # the quantizer only sees weights stored as initializers
         _gemm_to_matmul(model)
         model = type_contrib_outputs(model)
+        overridable = detach_overridable(model)  # a weight the user may feed is an input to the quantizer
         with tempfile.TemporaryDirectory(prefix="adaptopt-q-") as tmp, ort_tool():
             out = Path(tmp) / "quantized.onnx"
             quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              extra_options={"MatMulConstBOnly": True})
-            result = onnx.load(str(out))
+            result = reattach_overridable(onnx.load(str(out)), overridable)
         count = sum(1 for n in result.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
         return _accept(original, result, count, ctx)
 
@@ -172,15 +176,36 @@ class QuantizeStaticPass(Pass):
             return original, {"rewrites": 0, "reason": "calibration run failed in ONNX Runtime"}
         ranges, samples = calibration
         inferred = _typed(onnx.shape_inference.infer_shapes(model), ranges)
+        overridable = detach_overridable(inferred)
         with ort_tool():
             quantizer = QDQQuantizer(inferred, True, False, QuantType.QInt8, QuantType.QUInt8,
-                                     TensorsData(CalibrationMethod.MinMax, ranges), [], [],
+                                     TensorsData(CalibrationMethod.MinMax, ranges), [],
+                                     _readers(inferred, {t.name for t in overridable}),
                                      list(STATIC_OP_TYPES), {"ActivationSymmetric": False})
             quantizer.quantize_model()
-        result = quantizer.model.model
+        result = reattach_overridable(quantizer.model.model, overridable)
         count = sum(1 for n in result.graph.node if n.op_type == "QuantizeLinear")
         result, changes = _accept(original, result, count, ctx)
         return result, {**changes, "calibration_samples": samples}
+
+
+def _readers(model: onnx.ModelProto, names: set[str]) -> list[str]:
+    """Names of the nodes reading any of ``names`` (an unnamed one is named first), for the
+    static quantizer's ``nodes_to_exclude``: ``names`` are weights the user may feed
+    (:func:`detach_overridable`), whose calibrated range would be that of the default value
+    only, so a fed value outside it would be clipped; their readers stay float."""
+    if not names:
+        return []
+    readers = [n for n in model.graph.node if any(i in names for i in n.input)]
+    taken = {n.name for n in model.graph.node}
+    counter = itertools.count()
+    for node in readers:
+        while not node.name:
+            candidate = f"overridable_reader_{next(counter)}"
+            if candidate not in taken:
+                node.name = candidate
+                taken.add(candidate)
+    return [n.name for n in readers]
 
 
 _ACTIVATION_PARAMS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",),

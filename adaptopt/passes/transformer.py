@@ -17,9 +17,11 @@ from adaptopt.passes.base import (
     PassContext,
     boundary_names,
     default_opset,
+    detach_overridable,
     ensure_domain,
     no,
     ort_tool,
+    reattach_overridable,
     yes,
 )
 
@@ -53,6 +55,7 @@ class FuseTransformerPass(Pass):
         boundary = boundary_names(model)
         original = onnx.ModelProto()
         original.CopyFrom(model)
+        overridable = detach_overridable(model)  # a weight the user may feed is an input to its fusions
         try:
             with ort_tool():
                 # the optimizer edits the proto it is given in place: ``model`` is our private copy
@@ -61,7 +64,7 @@ class FuseTransformerPass(Pass):
         except TOOL_ERRORS as exc:  # its fusions assume exporter-shaped graphs; elsewhere they can trip
             return original, {"rewrites": 0, "reason": f"onnxruntime.transformers failed: {type(exc).__name__}: "
                                                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        result = optimizer.model
+        result = reattach_overridable(optimizer.model, overridable)
         if boundary_names(result) != boundary:
             return original, {"rewrites": 0, "reason": "onnxruntime.transformers changed the graph boundary"}
         for domain in {n.domain for n in result.graph.node} - {"", "ai.onnx"}:
