@@ -75,9 +75,9 @@ def profile(source: str | Path, config: Config | None = None, granularity: int |
     """
     from adaptopt.profile import profile_model
     config = config or Config()
-    model = load_model(source, config)
+    model, signature = load_model_and_signature(source, config)
     name = "<stdin>" if str(source) == "-" else str(source)
-    return profile_model(model, config, granularity, name=name)
+    return profile_model(model, config, granularity, name=name, signature=signature)
 
 
 def hal_status(config: Config | None = None, recalibrate: bool = False) -> dict:

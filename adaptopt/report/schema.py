@@ -40,7 +40,7 @@ def subgraph_dict(s: SubgraphProfile) -> dict[str, Any]:
         "profiler_ms": s.profiler_ms,
         "top_nodes": [{"node": n, "op_type": op, "ms": ms} for n, op, ms in s.top_nodes],
         "boundary_inputs": s.boundary_inputs, "boundary_outputs": s.boundary_outputs,
-        "content_hash": s.content_hash,
+        "content_hash": s.content_hash, "dims": s.dims,
         "counters": {name: {**r.to_dict(), "value": _finite(r.value)} for name, r in s.counters.items()},
     }
 
