@@ -57,12 +57,14 @@ class Validation:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64 = np.nan_to_num(a.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
     b64 = np.nan_to_num(b.astype(np.float64).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
-    na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    # sums, not np.dot / np.linalg.norm: those go to BLAS, whose worker threads keep
+    # spinning for ~0.1 s after a call and stalled the leaf timed right after on 2 cores
+    na, nb = math.sqrt(float(np.add.reduce(a64 * a64))), math.sqrt(float(np.add.reduce(b64 * b64)))
     if na == 0.0 and nb == 0.0:
         return 1.0
     if na == 0.0 or nb == 0.0:
         return 0.0
-    return float(np.dot(a64, b64) / (na * nb))
+    return float(np.add.reduce(a64 * b64)) / (na * nb)
 
 
 def diff_output(name: str, ref: np.ndarray, got: np.ndarray) -> OutputDiff:
