@@ -14,7 +14,10 @@ from adaptopt.graph.io import atomic_path
 
 def optimize_summary(result, output: str, report_path: str | None) -> dict:
     r = result.report["result"]
+    apart = r.get("apart") or {}
     return {"speedup": result.speedup, "improved": result.improved,
+            # the speedup each model alone in fresh processes showed (median pair), when timed apart
+            "speedup_apart": apart.get("speedup") if result.improved else None,
             "latency_ms": result.latency_ms, "accuracy": result.accuracy,
             "output": output, "report": report_path, "message": r["message"]}
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import onnx
 import pytest
 
 from adaptopt.adapt import assemble, verify
 from adaptopt.adapt.cache import MeasurementCache
-from adaptopt.adapt.verify import SideBySide, apart, confirm_small_gain, time_alone
+from adaptopt.adapt.verify import SideBySide, apart, time_alone
 from adaptopt.config import Config, ProfilingConfig, parse_config
 from adaptopt.errors import InputError
 from adaptopt.examples import build_resnet
@@ -58,9 +59,11 @@ def test_pairs_apart_never_rescue_a_gain_inside_the_noise():
 
 
 def test_zero_pairs_turns_timing_apart_off(monkeypatch):
-    monkeypatch.setattr(verify, "apart", lambda *a, **k: pytest.fail("timed apart with apart_pairs 0"))
+    monkeypatch.setattr(assemble, "apart", lambda *a, **k: pytest.fail("timed apart with apart_pairs 0"))
     side = SideBySide(10.0, 9.8, 10.02, 15)
-    assert confirm_small_gain(side, None, None, {}, Config().target, ProfilingConfig(apart_pairs=0)) is side
+    config = Config(profiling=ProfilingConfig(apart_pairs=0))
+    assert assemble.settle_small_gain(side, None, config, None, None, {}) is side
+    assert assemble.timed_apart(None, config, None, None, {}) is None
     assert not side.significant()
 
 
@@ -84,7 +87,7 @@ def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch)
     def fake_apart(original, candidate, feeds, target, n, seconds):
         calls.append(n)
         return pairs(*(1.02,) * n)
-    monkeypatch.setattr(verify, "apart", fake_apart)
+    monkeypatch.setattr(assemble, "apart", fake_apart)
     first = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
     again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
     assert calls == [5]
@@ -118,3 +121,48 @@ def test_the_report_shows_the_pairs_apart():
                                       (0.0, 4, 0.5)])
 def test_t_upper_tail_matches_the_tables(t, df, p):
     assert verify.t_upper_tail(t, df) == pytest.approx(p, abs=5e-4)
+
+
+def _gate(monkeypatch, ratios: dict, allow_slower: bool = False):
+    """gate_apart on a result (1.25x in one process) over a pre-pass base (1.05x), with the
+    pairs apart of each candidate given by ``ratios`` (keyed "result" / "base")."""
+    from types import SimpleNamespace
+
+    from adaptopt.adapt.assemble import Assembly, Base, gate_apart
+    from adaptopt.validate import Validation
+    original = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    result_model, base_model = onnx.ModelProto(), onnx.ModelProto()
+    result_model.CopyFrom(original)
+    base_model.CopyFrom(original)
+    result_model.graph.name, base_model.graph.name = "result", "base"
+    config = Config(profiling=ProfilingConfig(apart_pairs=5))
+    feeds = make_inputs(original, config)
+    ctx = SimpleNamespace(config=config, cache=MeasurementCache(None, "fp"), feeds=feeds)
+    monkeypatch.setattr(assemble, "apart", lambda o, c, *a: pairs(*(ratios[c.graph.name],) * 5))
+    side = SideBySide(10.0, 8.0, 10.0, 15)
+    ok = Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
+    assembly = Assembly(result_model, True, ok, side, {}, [], f"verified speedup {side.describe()}")
+    base_side = SideBySide(10.0, 9.5, 10.0, 15)
+    base = Base(base_model, base_side, f"whole-model exact passes: verified speedup {base_side.describe()}")
+    from adaptopt.runtime import make_session, run
+    reference = run(make_session(original, config.target), feeds)
+    return gate_apart(ctx, assembly, original, base, reference, allow_slower)
+
+
+def test_the_written_model_must_be_faster_timed_apart_too(monkeypatch):
+    kept = _gate(monkeypatch, {"result": 1.2, "base": 1.05})
+    assert kept.improved and kept.model.graph.name == "result"
+    assert kept.side.agreed_apart() and "1.200x timed apart in 5 pairs" in kept.message
+    assert [e["candidate"] for e in kept.events if e["event"] == "timed_apart"] == ["result"]
+
+    fallback = _gate(monkeypatch, {"result": 0.99, "base": 1.05})
+    assert fallback.improved and fallback.model.graph.name == "base"
+    assert "not faster timed apart" in fallback.message
+    assert [e["agreed"] for e in fallback.events if e["event"] == "timed_apart"] == [False, True]
+
+    original = _gate(monkeypatch, {"result": 1.005, "base": 0.98})
+    assert not original.improved and original.model.graph.name != "result"
+    assert "but not timed apart" in original.message and "the output is the original" in original.message
+
+    told = _gate(monkeypatch, {"result": 0.9, "base": 0.9}, allow_slower=True)
+    assert told.model.graph.name == "result" and told.side.apart is None

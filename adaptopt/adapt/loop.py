@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnx
 
-from adaptopt.adapt.assemble import Base, assemble, finalize, other_shape_feeds, with_model_passes
+from adaptopt.adapt.assemble import Base, assemble, finalize, gate_apart, other_shape_feeds, with_model_passes
 from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import inferred_copy, prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, target_fingerprint
@@ -146,6 +146,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
         assembly = with_whole_model_lossy(ctx, assembly, skeleton, pre.cleaned or skeleton, reference, budget,
                                           lossy_deadline.expired)
     assembly = with_model_passes(ctx, assembly, skeleton)
+    assembly = gate_apart(ctx, assembly, skeleton, base, reference, options.allow_slower)
     clock.stage("counters")
     counters, unmeasured = leaf_counters(ctx, plans, assembly.accepted)
     ctx.measurer.close()

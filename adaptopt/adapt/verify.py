@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 import onnx
 
-from adaptopt.config import ProfilingConfig, TargetConfig
+from adaptopt.config import TargetConfig
 from adaptopt.runtime import make_session
 
 # What a model must win by, beyond the A/A noise, to be written instead of what it
@@ -203,17 +203,6 @@ def time_alone(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], target: 
             session.run(None, inputs)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def confirm_small_gain(side: SideBySide, original: onnx.ModelProto, candidate: onnx.ModelProto,
-                       feeds: Mapping[str, np.ndarray], target: TargetConfig, profiling: ProfilingConfig
-                       ) -> SideBySide:
-    """``side``, with ``profiling.apart_pairs`` pairs timed apart when its gain is one that
-    needs them (none when that is 0: the gain then does not count)."""
-    if not profiling.apart_pairs or not side.needs_apart():
-        return side
-    return replace(side, apart=apart(original, candidate, feeds, target, profiling.apart_pairs,
-                                     profiling.apart_seconds))
 
 
 def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
