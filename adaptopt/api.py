@@ -184,7 +184,9 @@ def train_policy(sources: list[str | Path], output: str | Path, config: Config |
 
     Every model is loaded and checked before any is measured, so a bad path fails fast.
     """
+    from adaptopt.adapt.cache import target_stamp
     from adaptopt.adapt.training import TrainingModel, train
+    from adaptopt.policy.prior import stamp_target
     from adaptopt.policy.qtable import QTable
     config = config or Config()
     _check_accuracy_budget(accuracy_budget)
@@ -192,6 +194,7 @@ def train_policy(sources: list[str | Path], output: str | Path, config: Config |
     table = QTable.load_or_new(output)
     rows = train(models, table, accuracy_budget, config.policy.seed if seed is None else seed,
                  log or (lambda _m: None))
+    stamp_target(table, target_stamp(config.target))
     table.save(output)
     return rows
 

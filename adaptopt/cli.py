@@ -285,6 +285,9 @@ def policy_show(qtable: str) -> None:
     from adaptopt.policy.qtable import QTable
     table = QTable.load(qtable)
     rows = table.rows()
+    trained = table.meta.get("target")
+    if isinstance(trained, dict) and trained.get("machine"):
+        click.echo(f"trained on: {trained['machine']}")
     click.echo(tabulate(rows, headers="keys", floatfmt=".4f") if rows else "(empty Q-table)")
 
 

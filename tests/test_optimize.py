@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from adaptopt import api
+from adaptopt.adapt.cache import target_stamp
 from adaptopt.cli import cli
 from adaptopt.config import Config, InputSpec, ProfilingConfig
 from adaptopt.graph.capture import make_inputs
@@ -436,9 +437,18 @@ def test_policy_train_writes_a_table_that_optimize_starts_from(resnet_model, fas
     assert result.exit_code == 0, result.output
     table = QTable.load(table_path)
     assert table.values and table.meta["trained_on"] == [str(path)]
+    assert table.meta["target"] == target_stamp(fast_config.target)  # the target whose measurements it holds
     assert "measurements" in result.output and str(path) in result.output
     run = api.optimize(path, fast_config, qtable=str(table_path), seed=0)
     assert run.report["settings"]["policy_start"] == f"file {table_path}"
+    # a table trained on another target still starts a run, and the report says so
+    table.meta["target"] = {"fingerprint": "0123", "machine": "Some GPU | 1 cores | CUDAExecutionProvider"}
+    table.save(table_path)
+    shown = CliRunner().invoke(cli, ["policy", "show", str(table_path)])
+    assert shown.exit_code == 0 and "trained on: Some GPU | 1 cores | CUDAExecutionProvider" in shown.output
+    elsewhere = api.optimize(path, fast_config, qtable=str(table_path), seed=0).report["settings"]["policy_start"]
+    assert elsewhere.startswith(f"file {table_path} (trained on another target: Some GPU")
+    assert QTable.load(table_path).meta["target"] == target_stamp(fast_config.target)  # saved by this run
     # without a file: a cold start by default, the built-in prior when asked for
     assert "cold" in api.optimize(path, fast_config, seed=0).report["settings"]["policy_start"]
     with_prior = fast_config.with_section("policy", prior=True)

@@ -25,6 +25,14 @@ def target_fingerprint(target: TargetConfig) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def target_stamp(target: TargetConfig) -> dict:
+    """The target as a Q-table records it: :func:`target_fingerprint`, and in words."""
+    from adaptopt.profile.calibrate import cache_key, fingerprint
+    from adaptopt.runtime import resolve_providers
+    return {"fingerprint": target_fingerprint(target),
+            "machine": cache_key(fingerprint(target)) + " | " + ",".join(resolve_providers(target))}
+
+
 class MeasurementCache:
     def __init__(self, directory: Path | None, fingerprint: str):
         self.fingerprint = fingerprint

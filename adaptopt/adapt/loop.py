@@ -16,7 +16,7 @@ import onnx
 from adaptopt.adapt.assemble import Base, assemble, finalize, gate_apart, other_shape_feeds, with_model_passes
 from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import inferred_copy, prepass, with_signature
-from adaptopt.adapt.cache import MeasurementCache, target_fingerprint
+from adaptopt.adapt.cache import MeasurementCache, target_fingerprint, target_stamp
 from adaptopt.adapt.granularity import adapt_round, search_leaves
 from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
 from adaptopt.budget import Deadline
@@ -24,7 +24,7 @@ from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import PartitionTree, partition
-from adaptopt.policy.prior import starting_table
+from adaptopt.policy.prior import stamp_target, starting_table
 from adaptopt.profile.calibrate import resolve_cache_dir
 from adaptopt.policy.search import QSettings, RewardWeights
 
@@ -118,7 +118,10 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("policy")
     table_path = options.qtable or config.policy.qtable
-    table, table_origin = starting_table(table_path, config.target.device, config.policy.prior)
+    stamp = target_stamp(config.target)
+    table, table_origin = starting_table(table_path, config.target.device, config.policy.prior, stamp)
+    if "another target" in table_origin:
+        say(f"Q-table {table_origin}")
     settings = q_settings(config)
     ctx.progress = options.progress
     if ctx.expired():  # the pre-pass used the search's time: not even the leaves' baselines are measured
@@ -153,6 +156,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("done")
     measurements = sum(p.env.measurements for p in plans.values())
     table.meta.update({"last_model": model.graph.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    stamp_target(table, stamp)
     if table_path:
         table.save(table_path)
     from adaptopt.report.optimize import build_report
