@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -20,7 +21,9 @@ import numpy as np
 import onnx
 
 from adaptopt.adapt.environment import model_digest
-from adaptopt.adapt.verify import SideBySide, apart, interleaved_medians, side_by_side
+from adaptopt.adapt.verify import (
+    APART_LOOKS, APART_MAX_S, SideBySide, apart, interleaved_medians, side_by_side, worth_another_look,
+)
 from adaptopt.config import Config
 from adaptopt.graph.capture import model_inputs
 from adaptopt.graph.io import dynamic_inputs
@@ -344,8 +347,10 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
 
 def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
                 feeds: Mapping[str, np.ndarray]) -> tuple[float, ...] | None:
-    """:func:`verify.apart` with the config's pairs and seconds, cached by both models'
-    digests when ``cache`` is given; None when ``profiling.apart_pairs`` is 0."""
+    """:func:`verify.apart` with the config's pairs and seconds, another batch while the
+    pairs lean to a gain without settling it (up to ``APART_LOOKS``, ``APART_MAX_S`` in
+    all); cached by both models' digests when ``cache`` is given. None when
+    ``profiling.apart_pairs`` is 0."""
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
@@ -354,7 +359,16 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
     entry = cache.get(key, pairs=list) if key else None
     if entry is not None:
         return tuple(entry["pairs"])
-    pairs = apart(original, candidate, feeds, config.target, profiling.apart_pairs, profiling.apart_seconds)
+    pairs: tuple[float, ...] = ()
+    deadline = time.perf_counter() + APART_MAX_S
+    for _ in range(APART_LOOKS):  # another batch while the pairs lean to a gain but do not settle it
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        pairs += apart(original, candidate, feeds, config.target, profiling.apart_pairs, profiling.apart_seconds,
+                       max_seconds=left)
+        if not worth_another_look(pairs):
+            break
     if key:
         cache.put(key, pairs=list(pairs))
     return pairs
