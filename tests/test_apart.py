@@ -190,3 +190,21 @@ def test_pairs_apart_that_lean_to_a_gain_get_another_batch(monkeypatch, batches,
     assert len(made) == calls and len(got) == 8 * calls
     assert all(0 < s <= verify.APART_MAX_S for s in made)
     assert verify.apart_agrees(got) is agreed
+
+
+def test_weights_kept_on_disk_are_timed_apart_and_folded(tmp_path, monkeypatch):
+    """The timing workers read weights kept on disk (models of 2 GiB or more) through the same
+    checked files as the measure worker, and a pass reads such a weight's value from its file."""
+    from adaptopt.graph import external
+    from adaptopt.graph.io import load_model, save_model
+    from adaptopt.passes.edit import GraphEditor
+    monkeypatch.setattr(external, "KEEP_ON_DISK_BYTES", 1)  # treat this small model as huge
+    path = tmp_path / "ext" / "m.onnx"
+    save_model(build_resnet(image=16, widths=(16,), blocks=1, classes=3), path, external=True)
+    config = Config()
+    model = load_model(path, config)
+    heavy = [t for t in model.graph.initializer if external.on_disk(t)]
+    assert heavy, "the weights should be kept on disk"
+    assert GraphEditor(model, "test").const(heavy[0].name).shape == tuple(heavy[0].dims)
+    feeds = make_inputs(model, config)
+    assert len(apart(model, model, feeds, config.target, pairs=5, seconds=0.01)) == 5

@@ -229,8 +229,10 @@ def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[
 
     Stops early past ``max_seconds`` or when a process fails (the pairs so far are
     returned: too few of them do not confirm a gain)."""
+    from adaptopt.graph.external import kept_files, trust_kept_files
     from adaptopt.isolation import Worker, WorkerFailure
     models = {"original": original, "candidate": candidate}
+    trusted = kept_files()  # weights kept on disk reach the workers as the same checked files
     deadline = time.perf_counter() + max_seconds
     ratios = []
     for k in range(pairs):
@@ -239,7 +241,7 @@ def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[
         ms = {}
         try:
             for name in ("original", "candidate") if k % 2 == 0 else ("candidate", "original"):
-                with Worker(name=f"timing {name}") as worker:
+                with Worker(initializer=trust_kept_files, initargs=(trusted,), name=f"timing {name}") as worker:
                     ms[name] = worker.call(time_alone, models[name], feeds, target, seconds,
                                            timeout=max(30.0, 20 * seconds))
         except WorkerFailure as failure:

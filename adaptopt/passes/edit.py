@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from adaptopt.graph.external import raw_bytes
 from adaptopt.graph.index import overridable_initializers, subgraph_outer_inputs
 from adaptopt.passes.base import Applicability, Pass, PassContext, no, yes
 
@@ -82,6 +83,18 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if a.name == "value_ints":
             return np.array(list(a.ints), np.int64)
     return None  # sparse / string constants are left alone
+
+
+def initializer_value(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """An initializer's value, read from its file when its weights are kept on disk (models
+    of 2 GiB or more); None when its bytes are not at hand."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    data = raw_bytes(tensor)
+    if data is None or tensor.data_type in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.STRING):
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
 
 
 class GraphEditor:
@@ -163,7 +176,7 @@ class GraphEditor:
             value = None
             if name in self.inits:
                 if name not in self.overridable:
-                    value = numpy_helper.to_array(self.inits[name])
+                    value = initializer_value(self.inits[name])
             else:
                 node = self.producer(name)
                 if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
