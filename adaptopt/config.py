@@ -173,7 +173,8 @@ _RULES: dict[str, dict[str, tuple]] = {
         "isolate": _BOOL,
         "timeout_s": _POS_FLOAT,
         "apart_pairs": (int, lambda v: v == 0 or 5 <= v <= 100, "0 or an integer in [5, 100]"),
-        "apart_seconds": (float, lambda v: 0 <= v <= 60 and math.isfinite(v), "a number in [0, 60]"),
+        # a process times 1.5x this (warm-up included); 3 pairs must fit in verify.APART_MAX_S
+        "apart_seconds": (float, lambda v: 0 <= v <= 10 and math.isfinite(v), "a number in [0, 10]"),
     },
     "policy": {
         "RL_training_epochs": (int, lambda v: 0 <= v <= 100_000, "an integer in [0, 100000]"),

@@ -102,10 +102,29 @@ def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch)
     assert calls == [5]
 
 
-@pytest.mark.parametrize("value", [3, -1, 101, "many"])
-def test_apart_pairs_is_checked(value):
-    with pytest.raises(InputError, match="apart_pairs"):
-        parse_config(f"profiling:\n  apart_pairs: {value}\n")
+@pytest.mark.parametrize("key, value", [("apart_pairs", 3), ("apart_pairs", -1), ("apart_pairs", 101),
+                                        ("apart_pairs", "many"), ("apart_seconds", -1), ("apart_seconds", 11),
+                                        ("apart_seconds", ".nan")])
+def test_apart_settings_are_checked(key, value):
+    """apart_seconds is capped: 3 pairs of processes (1.5x it each) must fit in verify.APART_MAX_S."""
+    with pytest.raises(InputError, match=key):
+        parse_config(f"profiling:\n  {key}: {value}\n")
+
+
+def test_timings_are_cached_per_input_shape_and_apart_setting():
+    """A model with dynamic dims keeps its digest at every --input-shape: a batch-32 timing must
+    not answer for batch 1, nor pairs of 0.05 s for pairs of 2 s."""
+    import numpy as np
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    one = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    many = {"x": np.zeros((32, 3, 16, 16), np.float32)}
+    assert assemble.pair_key(model, model, one) != assemble.pair_key(model, model, many)
+    cache = MeasurementCache(None, "fp")
+    for seconds in (0.05, 2.0):
+        config = Config(profiling=ProfilingConfig(apart_pairs=5, apart_seconds=seconds))
+        key = cache.key(assemble.pair_key(model, model, one), (), kind=f"apart5x{seconds:g}s")
+        cache.put(key, pairs=[math.log(1.2)] * 5)
+        assert assemble.timed_apart(cache, config, model, model, one) == pytest.approx((math.log(1.2),) * 5)
 
 
 def test_the_report_shows_the_pairs_apart():
@@ -160,12 +179,14 @@ def test_the_written_model_must_be_faster_timed_apart_too(monkeypatch):
 
     fallback = _gate(monkeypatch, {"result": 0.99, "base": 1.05})
     assert fallback.improved and fallback.model.graph.name == "base"
-    assert "not faster timed apart" in fallback.message
+    assert "the result (1.250x (A/A noise 0.000), 0.990x timed apart in 5 pairs of processes (not confirmed)) " \
+           "was not confirmed timed apart" in fallback.message
+    assert "1.050x timed apart in 5 pairs of processes (agreed)" in fallback.message
     assert [e["agreed"] for e in fallback.events if e["event"] == "timed_apart"] == [False, True]
 
     original = _gate(monkeypatch, {"result": 1.005, "base": 0.98})
     assert not original.improved and original.model.graph.name != "result"
-    assert "but not timed apart" in original.message and "the output is the original" in original.message
+    assert "but not confirmed timed apart" in original.message and "the output is the original" in original.message
 
     told = _gate(monkeypatch, {"result": 0.9, "base": 0.9}, allow_slower=True)
     assert told.model.graph.name == "result" and told.side.apart is None

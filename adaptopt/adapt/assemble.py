@@ -330,7 +330,7 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     :func:`steady_side_by_side` (off for callers that only ask whether it is slower); with
     it, a gain of 1-3% is also timed apart (:func:`settle_small_gain`)."""
     target = config.target
-    key = cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (), kind=f"side-by-side{purpose}")
+    key = cache.key(pair_key(original, candidate, feeds), (), kind=f"side-by-side{purpose}")
     entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
     if entry is not None:
         pairs = entry.get("apart")
@@ -354,8 +354,8 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
-    key = cache.key(f"{model_digest(original)}>{model_digest(candidate)}", (),
-                    kind=f"apart{profiling.apart_pairs}") if cache is not None else None
+    key = cache.key(pair_key(original, candidate, feeds), (),
+                    kind=f"apart{profiling.apart_pairs}x{profiling.apart_seconds:g}s") if cache is not None else None
     entry = cache.get(key, pairs=list) if key else None
     if entry is not None:
         return tuple(entry["pairs"])
@@ -396,19 +396,31 @@ def gate_apart(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base | 
     tries = [("result", assembly)]
     if base is not None and base.side is not None and base.model is not assembly.model:
         tries.append(("pre-pass", None))
+    first = None
     for label, candidate in tries:
         if candidate is None:
             candidate = _fallback(base, skeleton, ctx, reference, [], "")
         side = replace(candidate.side, apart=timed_apart(ctx.cache, ctx.config, skeleton, candidate.model, ctx.feeds))
+        first = first or side
         events.append({"event": "timed_apart", "candidate": label, **side.to_dict()["apart"]})
         if side.agreed_apart():
             message = candidate.message.replace(candidate.side.describe(), side.describe()) if label == "result" \
-                else f"{base.message}; the subgraph rewrites were not faster timed apart, so only the whole-model " \
-                     "exact passes are applied"
+                else f"{base.message.replace(base.side.describe(), side.describe())}; the result ({first.describe()}) " \
+                     "was not confirmed timed apart, so only the whole-model exact passes are applied"
             return replace(candidate, side=side, events=events, message=message)
+    few = len(first.apart) < 3
     return _fallback(Base(skeleton), skeleton, ctx, reference, events,
-                     f"faster side by side in one process ({assembly.side.describe()}) but not timed apart, in "
-                     "fresh processes as a user runs it")
+                     f"faster side by side in one process but not confirmed timed apart, in fresh processes as a "
+                     f"user runs it ({first.describe()}"
+                     + ("; too few pairs fit in the time cap: lower profiling.apart_seconds)" if few else ")"))
+
+
+def pair_key(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> str:
+    """What a timing of ``original`` against ``candidate`` on ``feeds`` is cached under: both
+    models' digests and the feeds' shapes and dtypes (a model with dynamic dims keeps its
+    digest at every --input-shape, and a batch-32 timing must not answer for batch 1)."""
+    shapes = ",".join(f"{name}:{value.dtype}{list(value.shape)}" for name, value in sorted(feeds.items()))
+    return f"{model_digest(original)}>{model_digest(candidate)}@{shapes}"
 
 
 def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
