@@ -316,10 +316,13 @@ def _reference_light(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reference_probe(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The former io._inference_copy: heavy initializers become typed graph inputs."""
+    """The former io._inference_copy: heavy initializers become typed graph inputs, and
+    overridable ones (listed as inputs, IR >= 4) are left out."""
+    from adaptopt.graph.index import overridable_initializers
     probe = external.light_copy(model)
-    heavy = [t for t in probe.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    keep = [t for t in probe.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    hidden = overridable_initializers(model)
+    heavy = [t for t in probe.graph.initializer if t.data_location == TensorProto.EXTERNAL and t.name not in hidden]
+    keep = [t for t in probe.graph.initializer if t.data_location != TensorProto.EXTERNAL and t.name not in hidden]
     listed = {i.name for i in probe.graph.input}
     probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                              for t in heavy if t.name not in listed)

@@ -285,3 +285,38 @@ def test_a_model_below_ir_4_is_loaded_with_its_listed_weights_as_constants(tmp_p
     x = _array([4, 64], 7)
     reference = make_session(_scaled_projection(3), CPU).run(None, {"x": x})[0]
     np.testing.assert_allclose(make_session(result.model, CPU).run(None, {"x": x})[0], reference, rtol=1e-4, atol=1e-5)
+
+
+def _reshape_by_fed_shape(kind: str) -> onnx.ModelProto:
+    """x -> Relu -> Reshape(shp) [-> Shape -> Cast | -> Reshape(c1) first]: ``shp`` an
+    overridable initializer ([4, 16], the no-op default) the user may feed."""
+    shp = numpy_helper.from_array(np.array([4, 16], np.int64), "shp")
+    inits = [shp]
+    if kind == "identity":
+        nodes = [_node("Relu", ["x"], ["r"]), _node("Reshape", ["r", "shp"], ["y"])]
+    elif kind == "shape":
+        nodes = [_node("Relu", ["x"], ["r"]), _node("Reshape", ["r", "shp"], ["s"]), _node("Shape", ["s"], ["h"]),
+                 _node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)]
+    else:  # chain
+        inits.append(numpy_helper.from_array(np.array([64], np.int64), "c1"))
+        nodes = [_node("Relu", ["x"], ["r"]), _node("Reshape", ["r", "c1"], ["f"]), _node("Reshape", ["f", "shp"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16]),
+                                           helper.make_tensor_value_info("shp", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return infer_shapes(model)
+
+
+@pytest.mark.parametrize("kind, pass_name", [("identity", "eliminate_identity"), ("shape", "fold_constants"),
+                                             ("chain", "simplify_chains")])
+def test_a_shape_the_user_may_feed_is_not_inferred_from_its_default(kind, pass_name):
+    """Shape inference read an overridable shape's default, so the Reshape looked static: a
+    no-op to remove, a Shape to fold, a chain to collapse; fed [2, 32], the output kept [4, 16]."""
+    model = _reshape_by_fed_shape(kind)
+    result = get_pass(pass_name).apply(model, PassContext(target=CPU)).model
+    feeds = {"x": np.arange(64, dtype=np.float32).reshape(4, 16), "shp": np.array([2, 32], np.int64)}
+    want, got = fed_outputs(model, feeds), fed_outputs(result, feeds)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(want[name], got[name])

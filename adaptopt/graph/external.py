@@ -362,10 +362,16 @@ def light_pieces(model: onnx.ModelProto, stub_location: str, *, value_info: bool
 def inference_pieces(model: onnx.ModelProto) -> ModelPieces:
     """The model shape inference runs on: heavy main-graph initializers become typed graph
     inputs (those not listed already), so no weight is written and ONNX's data propagation
-    only sees small constants."""
+    only sees small constants. Overridable initializers (listed as inputs, IR >= 4) are left
+    out too: inferred from their default, a Reshape shape the user may feed looked static,
+    and passes removed or folded it."""
+    from adaptopt.graph.index import overridable_initializers
     keep, extra = [], []
     listed = {i.name for i in model.graph.input}
+    overridable = overridable_initializers(model)
     for tensor in model.graph.initializer:
+        if tensor.name in overridable:
+            continue  # listed: a typed input whose value inference does not see
         if not is_heavy(tensor):
             keep.append(tensor)
         elif tensor.name not in listed:

@@ -328,10 +328,20 @@ def _refresh_value_info(model: onnx.ModelProto) -> None:
     model.graph.value_info.extend(keep)
     if model.ByteSize() >= TWO_GIB:
         return
+    # overridable initializers are hidden from inference (see external.inference_pieces)
+    hidden = overridable_initializers(model)
+    initializers = list(model.graph.initializer) if hidden else []
+    if hidden:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(t for t in initializers if t.name not in hidden)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     except (onnx.shape_inference.InferenceError, RuntimeError):
         return  # inference is a convenience here; the checker below is the rule
+    finally:
+        if hidden:
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(initializers)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
 
