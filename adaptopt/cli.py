@@ -202,7 +202,7 @@ def passes_command(as_json: bool) -> None:
               help="Random seed (default: the config's policy.seed).")
 @click.option("--budget", "budget_s", type=FiniteFloatRange(min=1.0), default=None, help="Time budget in seconds.")
 @click.option("--require-speedup", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
-              help="Exit 3 if the verified speedup is below X (X > 0).")
+              help="Exit 3 if the verified speedup is below X (X > 0): the lower of the one-process and the timed-apart speedup.")
 @click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
               help="Write the partition tree with the chosen rewrites (adaptopt merge DIR rebuilds).")
 @click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) instead of the policy.")
@@ -244,9 +244,13 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
     click.echo(summary["message"], err=True)
     if as_json:
         click.echo(json.dumps(summary))
-    if require_speedup is not None and result.speedup < require_speedup:
-        raise GateNotMet(f"verified speedup {result.speedup:.3f}x is below --require-speedup {require_speedup} "
+    # the gate holds on both timings: in one process, and timed apart when it was
+    verified = min(x for x in (result.speedup, summary["speedup_apart"]) if x is not None)
+    if require_speedup is not None and verified < require_speedup:
+        raise GateNotMet(f"verified speedup {verified:.3f}x is below --require-speedup {require_speedup} "
                          f"(the model was written to {output})")
+
+
 @cli.group()
 def policy() -> None:
     """Train and inspect Q-table files (`optimize --policy FILE` starts from one)."""

@@ -229,3 +229,27 @@ def test_weights_kept_on_disk_are_timed_apart_and_folded(tmp_path, monkeypatch):
     assert GraphEditor(model, "test").const(heavy[0].name).shape == tuple(heavy[0].dims)
     feeds = make_inputs(model, config)
     assert len(apart(model, model, feeds, config.target, pairs=5, seconds=0.01)) == 5
+
+
+def test_require_speedup_holds_on_the_speedup_timed_apart_too(tmp_path, monkeypatch):
+    """3.16x in one process but 2.27x timed apart: --require-speedup 2.5 is not met."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from adaptopt import api
+    from adaptopt.cli import cli
+    from adaptopt.graph.io import save_model
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    save_model(model, tmp_path / "m.onnx")
+    report = {"result": {"message": "verified", "apart": {"speedup": 2.27, "pairs": [2.27] * 5, "agreed": True}}}
+    fake = SimpleNamespace(model=model, report=report, speedup=3.16, improved=True,
+                           latency_ms={"original": 3.16, "optimized": 1.0}, accuracy={})
+    monkeypatch.setattr(api, "optimize", lambda *a, **k: fake)
+    out = tmp_path / "o.onnx"
+    for wanted, code in (("2.5", 3), ("2.0", 0)):
+        done = CliRunner().invoke(cli, ["optimize", str(tmp_path / "m.onnx"), "-o", str(out), "--require-speedup",
+                                        wanted])
+        assert done.exit_code == code, done.output
+    assert "verified speedup 2.270x is below --require-speedup 2.5" in CliRunner().invoke(
+        cli, ["optimize", str(tmp_path / "m.onnx"), "-o", str(out), "--require-speedup", "2.5"]).output
