@@ -58,8 +58,9 @@ class ProfilingConfig:
     per_node: bool = True
     isolate: bool = True  # run and time subgraphs in a worker process (a crash costs one step)
     timeout_s: float = 120.0  # per subgraph run/timing in the worker
-    # end-to-end gains of 1-3% are timed again in this many pairs of fresh processes, each
-    # model alone, and kept only when they hold there (0: such gains are not kept)
+    # the written model, and end-to-end gains under 3% (or inside the noise), are timed again in
+    # this many pairs of fresh processes, each model alone, and kept only when they hold there
+    # (0: no timing apart; small gains are then not kept)
     apart_pairs: int = 8
     apart_seconds: float = 0.5  # each process times its model this long (and at least 5 runs)
 

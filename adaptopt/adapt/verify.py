@@ -4,10 +4,10 @@ Accuracy: the whole model's outputs against the original's on the reference inpu
 Speed: original, a second session of the original (A/A: the noise band) and the
 candidate, interleaved round-robin in one process on one shared thread pool; the
 medians give the speedup, and a gain counts only when it exceeds the A/A noise and
-``MIN_MODEL_GAIN``. A smaller gain (down to ``MIN_APART_GAIN``) counts only when it
-holds again with each model timed alone in a fresh process of its own, as a user runs
-it (:func:`apart`): interleaved sessions in one process share caches and a thread pool,
-which moved some small gains by 2-3%.
+``MIN_MODEL_GAIN``. A smaller gain, or one inside the noise, counts only when it holds
+with each model timed alone in a fresh process of its own, as a user runs it
+(:func:`apart`): interleaved sessions in one process share caches and a thread pool,
+which moved some gains by 2-5%.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from adaptopt.runtime import make_session
 # bert_small with fuse_sdpa measured 1.02-1.03x here, 0.97-1.0x in separate processes
 # and in make bench's run.
 MIN_MODEL_GAIN = 0.03
-# A gain between this and MIN_MODEL_GAIN (beyond the A/A noise) is timed again apart:
+# A gain under MIN_MODEL_GAIN (or inside the A/A noise) is timed again apart:
 # pairs of fresh processes, each timing one model alone, the order alternating. It counts
 # when the median pair shows more than MIN_APART_GAIN and a one-sided t-test over the
 # pairs' log ratios passes. A batch that does not pass while its median still gains more
@@ -78,15 +78,16 @@ class SideBySide:
 
     def significant(self, floor: float = MIN_MODEL_GAIN) -> bool:
         """The candidate is faster by more than the noise band (and at least ``floor``), or
-        by less than ``floor`` and more than ``MIN_APART_GAIN`` and confirmed apart."""
+        faster by less (or inside the noise) and confirmed by the pairs timed apart."""
         gain = math.log(self.speedup)
-        return gain > max(2.0 * self.noise, floor) or (gain > max(2.0 * self.noise, MIN_APART_GAIN)
-                                                      and self.agreed_apart())
+        return gain > max(2.0 * self.noise, floor) or (gain > 0.0 and self.agreed_apart())
 
     def needs_apart(self) -> bool:
-        """Faster beyond the noise, but by less than ``MIN_MODEL_GAIN``: worth timing apart."""
+        """Faster in one process, but by less than ``MIN_MODEL_GAIN`` or not beyond its noise:
+        the pairs timed apart decide. (convnext's exact passes measured 1.017-1.054x in one
+        process over several runs, at times inside the noise, and 1.020-1.035x apart.)"""
         gain = math.log(self.speedup)
-        return self.apart is None and max(2.0 * self.noise, MIN_APART_GAIN) < gain <= MIN_MODEL_GAIN
+        return self.apart is None and 0.0 < gain and not gain > max(2.0 * self.noise, MIN_MODEL_GAIN)
 
     def agreed_apart(self) -> bool:
         """:func:`apart_agrees` on the pairs timed apart (False when none were)."""
