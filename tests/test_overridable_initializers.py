@@ -320,3 +320,21 @@ def test_a_shape_the_user_may_feed_is_not_inferred_from_its_default(kind, pass_n
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_array_equal(want[name], got[name])
+
+
+def test_split_then_merge_keeps_an_overridable_weight_listed(tmp_path):
+    """The split's root file lists the overridable initializers after the real inputs, so the
+    merged model still lets the user feed them (they were dropped from its inputs)."""
+    model = _scaled_projection(8)
+    save_model(model, tmp_path / "m.onnx")
+    api.split(tmp_path / "m.onnx", tmp_path / "split", Config(), granularity=2)
+    merged = api.merge(tmp_path / "split")
+    _assert_kept(model, merged, "w")
+    feeds = {"x": _array([4, 64], 7), "w": _array([64, 64], 8, 0.2)}
+    _same(Case("", (), (), (), {}, ""), fed_outputs(model, feeds), fed_outputs(merged, feeds))
+
+
+def test_kept_subgraphs_merge_back_with_an_overridable_weight_listed(tmp_path, fast_config):
+    save_model(_scaled_projection(8), tmp_path / "m.onnx")
+    api.optimize(tmp_path / "m.onnx", fast_config, allow_slower=True, keep_subgraphs=tmp_path / "kept")
+    _assert_kept(_scaled_projection(8), api.merge(tmp_path / "kept"), "w")

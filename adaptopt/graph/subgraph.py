@@ -269,7 +269,7 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
         pieces = _range_pieces(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs, sizes,
                                value_info=root_value_info or not root)
         if root:
-            _keep_original_signature(pieces.model, signature)
+            _keep_original_signature(pieces.model, signature, overridable_initializers(index.model))
         with atomic_path(directory / file_name) as tmp:
             write_pieces(tmp, pieces)
         entries.append(manifest_entry(sub, file_name))
@@ -292,11 +292,17 @@ def manifest_entry(sub: Subgraph, file_name: str) -> dict:
     }
 
 
-def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """The root file is the whole model: keep ``original``'s exact inputs, outputs and metadata."""
-    init_names = {i.name for i in original.graph.initializer}
+def _keep_original_signature(model: onnx.ModelProto, original: onnx.ModelProto, overridable: frozenset[str]) -> None:
+    """The root file is the whole model: keep ``original``'s exact inputs, outputs and metadata.
+
+    ``original`` may be a signature model, which has no initializers; the ``overridable``
+    initializers (those the user may feed), which ``model``'s head lists as inputs
+    (:func:`_range_head`), stay listed after them, else a merge drops them."""
+    weights = {t.name for t in original.graph.initializer} | overridable
+    listed = [i for i in model.graph.input if i.name in overridable]
     del model.graph.input[:]
-    model.graph.input.extend(i for i in original.graph.input if i.name not in init_names)
+    model.graph.input.extend(i for i in original.graph.input if i.name not in weights)
+    model.graph.input.extend(listed)
     del model.graph.output[:]
     model.graph.output.extend(original.graph.output)
     model.graph.name = original.graph.name
