@@ -168,6 +168,10 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
     config = config or Config()
     if accuracy_budget is not None:
         _check_accuracy_budget(accuracy_budget)
+    if passes and (keep_subgraphs is not None or qtable is not None):
+        from adaptopt.errors import ConfigError  # neither would do anything: a fixed sequence has no search
+        raise ConfigError(f"{'--keep-subgraphs' if keep_subgraphs is not None else '--policy'} needs the search: "
+                          "--passes applies a fixed sequence to the whole model (no partition tree, no Q-table)")
     skeleton, model = _signature_and_work_model(source, config)
     options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
                               allow_slower, progress, log)

@@ -205,7 +205,8 @@ def passes_command(as_json: bool) -> None:
               help="Exit 3 if the verified speedup is below X (X > 0): the lower of the one-process and the timed-apart speedup.")
 @click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
               help="Write the partition tree with the chosen rewrites (adaptopt merge DIR rebuilds).")
-@click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) instead of the policy.")
+@click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) to the whole model instead of the search "
+                   "(then --keep-subgraphs and --policy are errors).")
 @click.option("--accuracy-budget", type=FiniteFloatRange(0.0, 1.0), default=None,
               help="Let lossy passes in while every output keeps cosine >= C (0 = lossless).")
 @click.option("--allow-slower", is_flag=True, help="Keep the rewrites even when not verified faster.")

@@ -61,6 +61,18 @@ def test_gate_and_budget_values_that_cannot_work_are_usage_errors(tmp_path, opti
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", [["--keep-subgraphs", "kept"], ["--policy", "q.json"]])
+def test_options_of_the_search_are_refused_with_a_fixed_pass_sequence(tmp_path, option):
+    """--passes runs no search: a --keep-subgraphs folder was silently never written, a
+    --policy table never read nor saved. Refused before any work, nothing written."""
+    model = write_valid(tmp_path)
+    out = tmp_path / "out.onnx"
+    option = [option[0], str(tmp_path / option[1])]
+    line = one_line_error(["optimize", str(model), "-o", str(out), "--passes", "fold_constants", *option])
+    assert option[0] in line and "--passes" in line
+    assert not out.exists() and not Path(option[1]).exists()
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
 def test_policy_train_accuracy_budget_is_checked_the_same_way(tmp_path, value):
     model = write_valid(tmp_path)
