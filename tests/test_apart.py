@@ -162,7 +162,7 @@ def _gate(monkeypatch, ratios: dict, allow_slower: bool = False):
     result_model.graph.name, base_model.graph.name = "result", "base"
     config = Config(profiling=ProfilingConfig(apart_pairs=5))
     feeds = make_inputs(original, config)
-    ctx = SimpleNamespace(config=config, cache=MeasurementCache(None, "fp"), feeds=feeds)
+    ctx = SimpleNamespace(config=config, cache=MeasurementCache(None, "fp"), feeds=feeds, run_deadline=None)
     monkeypatch.setattr(assemble, "apart", lambda o, c, *a, **k: pairs(*(ratios[c.graph.name],) * 5))
     side = SideBySide(10.0, 8.0, 10.0, 15)
     ok = Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
@@ -256,3 +256,21 @@ def test_require_speedup_holds_on_the_speedup_timed_apart_too(tmp_path, monkeypa
         assert done.exit_code == code, done.output
     assert "verified speedup 2.270x is below --require-speedup 2.5" in CliRunner().invoke(
         cli, ["optimize", str(tmp_path / "m.onnx"), "-o", str(out), "--require-speedup", "2.5"]).output
+
+
+def test_a_spent_budget_stops_timing_apart_after_the_first_batch(monkeypatch):
+    """--budget bounds the second and third batches (a 5 s budget took 18.9 s when they ran
+    anyway); the first always runs, or no small gain could ever be confirmed."""
+    from adaptopt.budget import Deadline
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=8))
+    made = []
+
+    def fake_apart(original, candidate, feeds, target, n, seconds, max_seconds):
+        made.append(max_seconds)
+        return pairs(*CONVNEXT)  # leaning to a gain: another batch would be worth it
+    monkeypatch.setattr(assemble, "apart", fake_apart)
+    assert len(assemble.timed_apart(None, config, model, model, {}, Deadline(0))) == 8 and len(made) == 1
+    made.clear()
+    assemble.timed_apart(None, config, model, model, {}, Deadline(7.0))
+    assert len(made) == 2 and made[1] <= 7.0  # the second batch gets what the budget leaves

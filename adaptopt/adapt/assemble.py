@@ -24,6 +24,7 @@ from adaptopt.adapt.environment import model_digest
 from adaptopt.adapt.verify import (
     APART_LOOKS, APART_MAX_S, SideBySide, apart, interleaved_medians, side_by_side, worth_another_look,
 )
+from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.capture import model_inputs
 from adaptopt.graph.io import dynamic_inputs
@@ -322,13 +323,15 @@ def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, fe
 
 def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
                         feeds: Mapping[str, np.ndarray], rounds: int = 15, purpose: str = "",
-                        settle_gains: bool = True, max_seconds: float = 60.0) -> SideBySide:
+                        settle_gains: bool = True, max_seconds: float = 60.0,
+                        more_until: Deadline | None = None) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision).
 
     A different ``purpose`` is a separate, independent measurement of the same pair
     (a confirmation must not read back the run it confirms). ``settle_gains``: see
     :func:`steady_side_by_side` (off for callers that only ask whether it is slower); with
-    it, a gain of 1-3% is also timed apart (:func:`settle_small_gain`)."""
+    it, a gain of 1-3% is also timed apart (:func:`settle_small_gain`; ``more_until``: see
+    :func:`timed_apart`)."""
     target = config.target
     key = cache.key(pair_key(original, candidate, feeds), (), kind=f"side-by-side{purpose}")
     entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
@@ -339,18 +342,21 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
                                max_seconds=max_seconds)
     if settle_gains:
-        side = settle_small_gain(side, cache, config, original, candidate, feeds)
+        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
               apart=None if side.apart is None else list(side.apart))
     return side
 
 
 def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
-                feeds: Mapping[str, np.ndarray]) -> tuple[float, ...] | None:
+                feeds: Mapping[str, np.ndarray], more_until: Deadline | None = None) -> tuple[float, ...] | None:
     """:func:`verify.apart` with the config's pairs and seconds, another batch while the
     pairs lean to a gain without settling it (up to ``APART_LOOKS``, ``APART_MAX_S`` in
     all); cached by both models' digests when ``cache`` is given. None when
-    ``profiling.apart_pairs`` is 0."""
+    ``profiling.apart_pairs`` is 0.
+
+    ``more_until`` (the run's ``--budget``): the first batch always runs (without it no
+    gain is confirmed), later batches only before it expires and within what it leaves."""
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
@@ -361,8 +367,10 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
         return tuple(entry["pairs"])
     pairs: tuple[float, ...] = ()
     deadline = time.perf_counter() + APART_MAX_S
-    for _ in range(APART_LOOKS):  # another batch while the pairs lean to a gain but do not settle it
+    for look in range(APART_LOOKS):  # another batch while the pairs lean to a gain but do not settle it
         left = deadline - time.perf_counter()
+        if look and more_until is not None:
+            left = min(left, more_until.remaining())
         if left <= 0:
             break
         pairs += apart(original, candidate, feeds, config.target, profiling.apart_pairs, profiling.apart_seconds,
@@ -375,11 +383,12 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
 
 
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,
-                      candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> SideBySide:
+                      candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                      more_until: Deadline | None = None) -> SideBySide:
     """``side`` with its pairs timed apart when its gain is one of 1-3% (:meth:`SideBySide.needs_apart`)."""
     if not side.needs_apart():
         return side
-    pairs = timed_apart(cache, config, original, candidate, feeds)
+    pairs = timed_apart(cache, config, original, candidate, feeds, more_until)
     return side if pairs is None else replace(side, apart=pairs)
 
 
@@ -400,7 +409,8 @@ def gate_apart(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base | 
     for label, candidate in tries:
         if candidate is None:
             candidate = _fallback(base, skeleton, ctx, reference, [], "")
-        side = replace(candidate.side, apart=timed_apart(ctx.cache, ctx.config, skeleton, candidate.model, ctx.feeds))
+        side = replace(candidate.side, apart=timed_apart(ctx.cache, ctx.config, skeleton, candidate.model, ctx.feeds,
+                                                         ctx.run_deadline))
         first = first or side
         events.append({"event": "timed_apart", "candidate": label, **side.to_dict()["apart"]})
         if side.agreed_apart():
@@ -426,7 +436,7 @@ def pair_key(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mappi
 def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
           feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "") -> SideBySide:
     return cached_side_by_side(ctx.cache, ctx.config, original, candidate,
-                               ctx.feeds if feeds is None else feeds, rounds, purpose)
+                               ctx.feeds if feeds is None else feeds, rounds, purpose, more_until=ctx.run_deadline)
 
 
 MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was disturbed

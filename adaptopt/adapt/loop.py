@@ -90,6 +90,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     # big model must not leave it no time)
     deadline = Deadline((0.6 if budget > 0 else 0.75) * budget_s)
     lossy_deadline = Deadline(0.85 * budget_s)
+    run_deadline = Deadline(budget_s)  # timing apart runs a second or third batch only within it
 
     clock.stage("capture")
     feeds = make_inputs(model, config)
@@ -101,7 +102,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("pre-pass")
     cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
-                  deadline.expired)
+                  deadline.expired, run_deadline)
     say(f"whole-model exact passes: {pre.reason}")
     work = with_signature(pre.model, skeleton)
     base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None
@@ -109,6 +110,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("calibrate")
     index = GraphIndex.build(pre.model)
     ctx, machine = prepare_run(pre.model, index, feeds, config, budget, deadline, cache=cache)
+    ctx.run_deadline = run_deadline
     ctx.use_other_sizes(work, other_shape_feeds(skeleton, feeds))
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)

@@ -96,7 +96,7 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
 
 def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, config: Config,
             feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache,
-            should_stop: Callable[[], bool] = lambda: False) -> PrePass:
+            should_stop: Callable[[], bool] = lambda: False, run_deadline=None) -> PrePass:
     """``model`` is the pinned work model; the passes run on ``skeleton`` (the user's own
     signature, dynamic dims kept), so nothing they fold can bake in the profiled sizes.
 
@@ -105,7 +105,8 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     the next pass runs without it (ORT's BERT fusions, for one, slow some encoders down
     and would cancel the gain of the passes after them). The result is kept only when
     it is faster than the original side by side, and returned pinned again, for the
-    per-leaf search."""
+    per-leaf search. ``run_deadline`` (the whole ``--budget``) bounds the timing apart of
+    a small gain beyond its first batch."""
     from adaptopt.api import pinned_copy
 
     def judge(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
@@ -120,7 +121,7 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
             f"every exact pass that applied was dropped ({', '.join(d['pass'] for d in dropped)})"
         return pre
     signed = pre.cleaned = with_signature(current, skeleton)
-    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds)
+    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=run_deadline)
     if not pre.side.significant():
         pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.describe()})"
         return pre

@@ -129,7 +129,8 @@ class RunContext:
     values: dict[str, np.ndarray] = field(default_factory=dict)
     model_passes: list = field(default_factory=list)
     progress: Callable[[str, int, int], None] | None = None
-    deadline: Deadline = field(default_factory=lambda: Deadline(None))
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the search's share of --budget
+    run_deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the whole --budget (timing apart)
     node_times_ms: dict[str, float] = field(default_factory=dict)
     # the work model with the user's dynamic dims and feeds at other sizes of them: leaf
     # rewrites are also checked there (None: the model has no dynamic dims)
