@@ -167,6 +167,23 @@ def test_markdown_report_says_which_pre_pass_steps_were_dropped_and_why():
     assert "| fuse_sdpa      | kept" in section
 
 
+def test_markdown_report_shows_the_verification_decisions_and_why():
+    """A leaf the search sped up 3x but that was not kept must say why in the Markdown too."""
+    from adaptopt.report.optimize import render_markdown
+    result = {"message": "m", "speedup": 1.0, "latency_ms": {"original": 2.0, "optimized": 2.0}, "aa_noise": 0.0,
+              "accuracy": {"max_abs_diff": 0.0, "min_cosine": 1.0}}
+    events = [{"event": "confirm_leaf", "leaf": "0.1", "sequence": ["fuse_sdpa"], "speedup": 1.004, "noise": 0.02,
+               "rounds": 15, "kept": False},
+              {"event": "rollback", "why": "end-to-end speedup 0.990x not above noise", "leaves": ["0.0"]},
+              {"event": "timed_apart", "candidate": "result", "speedup": 1.007, "pairs": [1.01, 1.0, 1.02],
+               "agreed": False}]
+    text = render_markdown({"model": {"name": "m"}, "result": result, "events": events})
+    section = text.split("## Verification (after the search)")[1]
+    assert "| confirm_leaf | 0.1" in section and "1.004x (A/A noise 0.02, 15 rounds)" in section
+    assert "end-to-end speedup 0.990x not above noise" in section and "| 0.0 " in section
+    assert "apart: 1.007x over 3 pairs, not confirmed" in section
+
+
 def test_same_seed_and_cache_give_identical_bytes(tmp_path, resnet_model, fast_config):
     path = tmp_path / "m.onnx"
     save_model(resnet_model, path)

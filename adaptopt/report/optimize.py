@@ -157,6 +157,7 @@ def render_markdown(report: dict) -> str:
                 for p in report["passes"]]
         lines += ["## Passes", "", tabulate(rows, headers=["pass", "modified", "rewrites / reason"],
                                             tablefmt="github"), ""]
+    lines += _event_lines(report.get("events") or [])
     if report.get("granularity_history"):
         rows = [[h.get("round"), h["action"], h.get("leaf") or h.get("into") or "", h.get("gain_ms_before"),
                  h.get("gain_ms_after"), h.get("kept")] for h in report["granularity_history"]]
@@ -169,6 +170,32 @@ def render_markdown(report: dict) -> str:
         lines += ["## Time per stage (s)", "", tabulate(sorted(report["stages_s"].items()), headers=["stage", "s"],
                                                         tablefmt="github"), ""]
     return "\n".join(lines)
+
+
+def _event_lines(events: list[dict]) -> list[str]:
+    """The verification after the search, one row per decision: which leaves were confirmed
+    alone, what the merged model measured side by side and timed apart, what was rolled
+    back and why (without it a leaf that won 3x in the search shows only 'kept: no')."""
+    if not events:
+        return []
+    rows = []
+    for e in events:
+        subject = e.get("leaf") or e.get("pass") or e.get("candidate") or e.get("attempt", "")
+        if isinstance(e.get("leaves"), list):
+            subject = ", ".join(e["leaves"]) or "—"
+        measured = ""
+        if "speedup" in e and "noise" in e:
+            measured = f"{e['speedup']}x (A/A noise {e['noise']}, {e.get('rounds')} rounds)"
+        apart = e.get("apart") if isinstance(e.get("apart"), dict) else (e if e["event"] == "timed_apart" else None)
+        if apart is not None and apart.get("pairs") is not None:
+            measured += (" " if measured else "") + f"apart: {apart.get('speedup')}x over {len(apart['pairs'])} pairs, " \
+                        + ("agreed" if apart.get("agreed") else "not confirmed")
+        kept = e.get("kept", e.get("agreed", ""))
+        why = e.get("why") or e.get("error") or (" → ".join(e["sequence"]) if e.get("sequence") else "")
+        rows.append([e["event"], subject, measured, {True: "yes", False: "no"}.get(kept, kept), why])
+    return ["## Verification (after the search)", "",
+            tabulate(rows, headers=["step", "leaf / pass / try", "measured", "kept", "why / passes"],
+                     tablefmt="github"), ""]
 
 
 def _prepass_lines(pre: dict | None) -> list[str]:
