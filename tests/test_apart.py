@@ -274,3 +274,10 @@ def test_a_spent_budget_stops_timing_apart_after_the_first_batch(monkeypatch):
     made.clear()
     assemble.timed_apart(None, config, model, model, {}, Deadline(7.0))
     assert len(made) == 2 and made[1] <= 7.0  # the second batch gets what the budget leaves
+
+
+def test_timings_after_the_search_shrink_to_what_the_budget_leaves():
+    from adaptopt.budget import Deadline
+    assert assemble.verify_seconds(None) == assemble.MAX_VERIFY_S
+    assert assemble.verify_seconds(Deadline(25.0)) == pytest.approx(25.0, abs=0.5)
+    assert assemble.verify_seconds(Deadline(0)) == assemble.MIN_VERIFY_S  # spent: still enough rounds for a verdict

@@ -25,7 +25,7 @@ from adaptopt.adapt.verify import (
     APART_LOOKS, APART_MAX_S, SideBySide, apart, interleaved_medians, side_by_side, worth_another_look,
 )
 from adaptopt.budget import Deadline
-from adaptopt.config import Config
+from adaptopt.config import Config, InputSpec
 from adaptopt.graph.capture import model_inputs
 from adaptopt.graph.io import dynamic_inputs
 from adaptopt.graph.merge import merge_models
@@ -220,12 +220,15 @@ def merge_for(skeleton: onnx.ModelProto, leaf_models: list[onnx.ModelProto]) -> 
 
 def _fallback(base: Base, skeleton, ctx, reference, events, why: str) -> Assembly:
     """No leaf rewrite survived: the verified pre-pass model if there is one, else the original."""
-    validation = check_outputs(base.model, ctx.feeds, reference, ctx.config, 0.0)
     if base.side is not None:
+        validation = check_outputs(base.model, ctx.feeds, reference, ctx.config, 0.0)
         return Assembly(base.model, True, validation, base.side, {}, events,
                         f"{base.message}; {why}, so only the whole-model exact passes are applied")
     median = interleaved_medians({"original": skeleton}, ctx.feeds, ctx.config.target, rounds=5)["original"]
     side = SideBySide(median, median, median, 5)
+    # the input itself is written: no difference (run again at level "all" against the
+    # reference, it showed ORT's own optimizations, 3e-6 on an encoder, as if ours)
+    validation = Validation(True, "exact", ctx.config.accuracy.exact_tolerance, 0.0, 0.0, 1.0)
     return Assembly(skeleton, False, validation, side, {}, events, f"{why}; the output is the original model")
 
 
@@ -294,18 +297,53 @@ def _feeds_digest(feeds: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+HELD_OUT_DRAWS = 3  # fresh seeded inputs (seeds 1..3) that a lossy candidate must also pass
+
+
 def check_everywhere(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                      reference: Mapping[str, np.ndarray], config: Config, budget: float = 0.0) -> Validation:
-    """Outputs at the configured shapes, then at other sizes of the dynamic dims.
+    """Outputs at the configured shapes, then (with an accuracy ``budget``) on held-out
+    draws, then at other sizes of the dynamic dims.
 
-    The result reported is the check at the configured shapes (the measured
-    differences of the reference inputs) unless the other-size check fails.
+    A lossy model passed on the one reference input and missed its budget on fresh inputs
+    from the same distribution (a Whisper-style encoder: 0.99951 on the reference, 0.9975
+    on 4 of 30 fresh draws): the budget must hold on ``HELD_OUT_DRAWS`` more, and the
+    result reported is the worst of them. Exact rewrites are checked on the reference
+    inputs only (they compute the same function; one more session per step on a big model).
     """
     result = check_outputs(candidate, feeds, reference, config, budget)
     if not result.ok:
         return result
+    if budget > 0:
+        for i, (draw, expected) in enumerate(_held_out_reference(skeleton, feeds, config)):
+            held = check_outputs(candidate, draw, expected, config, budget)
+            if not held.ok:
+                return replace(held, reason=f"on held-out input {i + 1} of {HELD_OUT_DRAWS}: {held.reason}")
+            result = held if held.min_cosine < result.min_cosine else result
     other = check_other_shapes(skeleton, candidate, feeds, config, budget)
     return result if other.ok else other
+
+
+_last_held_out: dict = {}  # (model digest, feeds digest, target) -> [(draw, reference outputs)]
+
+
+def _held_out_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config) -> list:
+    """Fresh seeded inputs of the configured shapes and fills (not the reference input, not the
+    calibration draws) with the original's outputs on them; none with ``inputs_file`` (real
+    inputs: a generated draw would not be one). Run once per run, remembered by content."""
+    if config.inputs_file:
+        return []
+    key = (model_digest(skeleton), _feeds_digest(feeds), config.target)
+    if key not in _last_held_out:
+        from adaptopt.graph.capture import make_inputs
+        session = make_session(skeleton, config.target, level="all")
+        shapes = {name: value.shape for name, value in feeds.items()}
+        pinned = config.replace(inputs={name: replace(config.inputs.get(name, InputSpec()), shape=shape)
+                                        for name, shape in shapes.items()})
+        draws = [make_inputs(skeleton, pinned, seed=seed) for seed in range(1, HELD_OUT_DRAWS + 1)]
+        _last_held_out.clear()
+        _last_held_out[key] = [(draw, run(session, draw)) for draw in draws]
+    return _last_held_out[key]
 
 
 def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
@@ -436,7 +474,20 @@ def pair_key(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mappi
 def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
           feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "") -> SideBySide:
     return cached_side_by_side(ctx.cache, ctx.config, original, candidate,
-                               ctx.feeds if feeds is None else feeds, rounds, purpose, more_until=ctx.run_deadline)
+                               ctx.feeds if feeds is None else feeds, rounds, purpose,
+                               max_seconds=verify_seconds(ctx.run_deadline), more_until=ctx.run_deadline)
+
+
+MAX_VERIFY_S = 60.0  # one side-by-side timing after the search, at most
+MIN_VERIFY_S = 10.0  # ...and at least, even past --budget: every verdict needs its rounds (>= 3)
+
+
+def verify_seconds(run_deadline: Deadline | None) -> float:
+    """How long one side-by-side timing after the search may take: ``MAX_VERIFY_S``, or
+    what ``--budget`` leaves, but never less than ``MIN_VERIFY_S`` (a 440 MB encoder at
+    80 ms a run spent 60 s per timing, several of them after its budget was spent)."""
+    left = math.inf if run_deadline is None else run_deadline.remaining()
+    return max(MIN_VERIFY_S, min(MAX_VERIFY_S, left))
 
 
 MAX_AA_NOISE = 0.1  # an A/A gap above this (log ratio) means the machine was disturbed
