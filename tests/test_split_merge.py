@@ -322,7 +322,7 @@ def test_subgraph_files_hold_the_bytes_of_the_built_models(tmp_path, bert_model)
     for sub in tree.nodes.values():
         model = _range_model(tree.index, sub.start, sub.stop, f"sg_{sub.id}", refs, {})
         if sub.id == tree.root:
-            _keep_original_signature(model, tree.index.model)
+            _keep_original_signature(model, tree.index.model, frozenset())
         assert (tmp_path / "s" / f"sg_{sub.id}.onnx").read_bytes() == model.SerializeToString()
 
 
@@ -565,3 +565,25 @@ def test_a_leaf_computing_a_weight_under_its_old_name_merges_without_a_duplicate
     onnx.checker.check_model(merged)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
     assert compare(run_model(model, feeds), run_model(merged, feeds), 1e-6).ok
+
+
+def test_an_initializer_returned_as_a_graph_output_round_trips(tmp_path):
+    """A constant the model returns (an initializer listed as a graph output) is read by no
+    node: the root file did not hold it, and merge refused the folder (exit 2)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])
+    nodes = []
+    last = "x"
+    for i in range(8):
+        nodes.append(helper.make_node("Mul", [last, "k"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+        last = f"r{i}"
+    const = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "const_out")
+    k = numpy_helper.from_array(np.array(1.1, np.float32), "k")
+    outputs = [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["batch", 16]),
+               helper.make_tensor_value_info("const_out", TensorProto.FLOAT, [2, 3]),
+               helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])]  # a passthrough too
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, [const, k]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    save_model(model, tmp_path / "m.onnx")
+    config = Config(inputs={"x": InputSpec(shape=(3, 16))})
+    assert_round_trip(tmp_path / "m.onnx", tmp_path, config, granularity=2)

@@ -92,13 +92,15 @@ def _range_head(index: GraphIndex, start: int, stop: int, name: str) -> tuple[on
 
 
 def _range_pieces(index: GraphIndex, start: int, stop: int, name: str, weight_refs: Mapping[str, tuple[str, int, int]],
-                  stubs: dict[str, bytes], sizes: _Sizes, value_info: bool = True) -> ModelPieces:
+                  stubs: dict[str, bytes], sizes: _Sizes, value_info: bool = True,
+                  also: Sequence[str] = ()) -> ModelPieces:
     """``_range_model`` as pieces: written, the same bytes, but no node, weight or value info is
     copied (the root file holds every node). ``stubs`` caches serialized external stubs, which
     a tree's files share; ``sizes`` the serialized sizes of nodes and value infos, which are the
     same in every file. Without ``value_info`` the file has none (a root file on a dynamic
     signature). ``.model`` is the head, which the caller may still edit."""
     model, inits = _range_head(index, start, stop, name)
+    inits = inits + [n for n in also if n not in inits]  # initializers read by no node of the range
     for n in inits:
         if n in weight_refs and n not in stubs:
             stubs[n] = external_stub(index.initializers[n], weight_refs[n]).SerializeToString()
@@ -260,6 +262,9 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
     root_value_info = not dynamic_inputs(signature)
     fill_missing_types(index, [n for s in tree.nodes.values() for n in s.boundary_inputs + s.boundary_outputs], feeds)
     refs = write_weights(index, directory)
+    # a graph output that is an initializer (a constant the model returns) is read by no node:
+    # the root file must hold it, or the merged model has no value for that output
+    output_weights = [o.name for o in index.model.graph.output if o.name in index.initializers]
     stubs: dict[str, bytes] = {}  # each weight's external stub is made once, not once per file
     sizes = _Sizes(index)
     entries = []
@@ -267,7 +272,7 @@ def write_tree(tree: PartitionTree, directory: str | Path, source: str = "",
         file_name = f"sg_{sub.id}.onnx"
         root = sub.id == tree.root
         pieces = _range_pieces(index, sub.start, sub.stop, f"sg_{sub.id}", refs, stubs, sizes,
-                               value_info=root_value_info or not root)
+                               value_info=root_value_info or not root, also=output_weights if root else ())
         if root:
             _keep_original_signature(pieces.model, signature, overridable_initializers(index.model))
         with atomic_path(directory / file_name) as tmp:
