@@ -565,3 +565,23 @@ def test_a_spent_budget_skips_the_search_and_still_verifies(tmp_path, resnet_mod
     assert result.report["prepass"]["applied"] == []
     assert not any(e.get("event") == "whole_model" for e in result.report["events"])
     _check_promise(resnet_model, result, fast_config)
+
+
+def test_a_fixed_sequence_that_changes_nothing_writes_the_original_and_says_so(tmp_path, resnet_model, fast_config):
+    save_model(resnet_model, tmp_path / "m.onnx")
+    result = api.optimize(tmp_path / "m.onnx", fast_config, passes=["fuse_gelu"], allow_slower=True)
+    assert not result.improved and result.speedup == 1.0
+    assert "no pass of the sequence changed the model; the output is the original" in result.report["result"]["message"]
+
+
+def test_a_slower_model_kept_by_allow_slower_is_not_called_a_verified_speedup(tmp_path, resnet_model, fast_config,
+                                                                             monkeypatch):
+    from adaptopt.adapt import assemble
+    from adaptopt.adapt.verify import SideBySide
+    monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: SideBySide(10.0, 13.0, 10.0, 15))
+    monkeypatch.setattr(assemble, "timed_apart", lambda *a, **k: None)
+    save_model(resnet_model, tmp_path / "m.onnx")
+    result = api.optimize(tmp_path / "m.onnx", fast_config, passes=["fuse_conv_bn"], allow_slower=True)
+    message = result.report["result"]["message"]
+    assert result.improved and message.startswith("kept as --allow-slower asks, not verified faster: 0.769x")
+    assert "verified speedup" not in message

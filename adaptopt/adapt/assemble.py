@@ -184,7 +184,7 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
         events.append({"event": "side_by_side", "attempt": attempt, **side.to_dict()})
         if side.significant() or allow_slower:
             return Assembly(candidate, True, validation, side, dict(accepted), events,
-                            f"verified speedup {side.describe()}", models)
+                            kept_message(side, side.significant()), models)
         if len(accepted) <= 1 or attempt == MAX_SPEED_ROLLBACKS:
             break
         weakest = min(accepted, key=lambda sid: (leaf_gain(plans[sid]), sid))
@@ -224,12 +224,18 @@ def _fallback(base: Base, skeleton, ctx, reference, events, why: str) -> Assembl
         validation = check_outputs(base.model, ctx.feeds, reference, ctx.config, 0.0)
         return Assembly(base.model, True, validation, base.side, {}, events,
                         f"{base.message}; {why}, so only the whole-model exact passes are applied")
-    median = interleaved_medians({"original": skeleton}, ctx.feeds, ctx.config.target, rounds=5)["original"]
+    return original_written(skeleton, ctx.feeds, ctx.config, why, events)
+
+
+def original_written(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config, why: str,
+                     events: list | None = None) -> Assembly:
+    """The input itself is the output: its latency, and no difference (run again at level
+    "all" against the reference, it showed ORT's own optimizations, 3e-6 on an encoder, as
+    if they were ours)."""
+    median = interleaved_medians({"original": skeleton}, feeds, config.target, rounds=5)["original"]
     side = SideBySide(median, median, median, 5)
-    # the input itself is written: no difference (run again at level "all" against the
-    # reference, it showed ORT's own optimizations, 3e-6 on an encoder, as if ours)
-    validation = Validation(True, "exact", ctx.config.accuracy.exact_tolerance, 0.0, 0.0, 1.0)
-    return Assembly(skeleton, False, validation, side, {}, events, f"{why}; the output is the original model")
+    validation = Validation(True, "exact", config.accuracy.exact_tolerance, 0.0, 0.0, 1.0)
+    return Assembly(skeleton, False, validation, side, {}, events or [], f"{why}; the output is the original model")
 
 
 def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
@@ -519,11 +525,20 @@ def verify_candidate(model, skeleton, candidate, feeds, reference, config, budge
         pairs = timed_apart(None, config, skeleton, candidate, feeds)
         side = side if pairs is None else replace(side, apart=pairs)
     events = [{"event": "side_by_side", **side.to_dict()}]
-    if (side.significant() and (side.apart is None or side.agreed_apart())) or allow_slower:
-        return Assembly(candidate, True, validation, side, {}, events, f"verified speedup {side.describe()}")
+    faster = side.significant() and (side.apart is None or side.agreed_apart())
+    if faster or allow_slower:
+        return Assembly(candidate, True, validation, side, {}, events, kept_message(side, faster))
     return Assembly(skeleton, False, validation, side, {}, events,
                     f"the pass sequence was not faster ({side.describe()}); "
                     "the output is the original (use --allow-slower to keep it)")
+
+
+def kept_message(side: SideBySide, faster: bool) -> str:
+    """What a kept result says: verified faster, or kept only because --allow-slower asks
+    (a 0.754x model was written as a 'verified speedup 0.754x')."""
+    if faster:
+        return f"verified speedup {side.describe()}"
+    return f"kept as --allow-slower asks, not verified faster: {side.describe()}"
 
 
 def finalize(assembly: Assembly, report: dict, tree: PartitionTree | None):

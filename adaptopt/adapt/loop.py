@@ -238,8 +238,12 @@ def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, 
     candidate = with_signature(candidate, skeleton)
     lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
     clock.stage("verify")
-    assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,
-                                options.allow_slower)
+    if any(r.modified for r in results):
+        assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,
+                                    options.allow_slower)
+    else:  # nothing to verify or keep, --allow-slower or not
+        from adaptopt.adapt.assemble import original_written
+        assembly = original_written(skeleton, feeds, config, "no pass of the sequence changed the model")
     clock.stage("done")
     from adaptopt.report.optimize import fixed_sequence_report
     report = fixed_sequence_report(model, config, list(options.passes), results, assembly, clock.seconds, budget)
