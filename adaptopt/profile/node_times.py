@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -111,18 +112,24 @@ def resolver(model: onnx.ModelProto):
 
 
 def attribute(kernels: list[KernelEvent], runs: int, model: onnx.ModelProto) -> dict[str, float]:
-    """Milliseconds per run for each node of ``model`` (plus ``<unattributed>`` if nothing is near)."""
+    """Milliseconds per run for each node of ``model`` (plus ``<unattributed>`` if nothing is
+    near): the median over the ``runs`` (a run without the node counts 0). A mean let one
+    hiccup charge a 10x16 DequantizeLinear 0.41 ms a run where it takes 4 us."""
     resolve = resolver(model)
     by_run: dict[int, list[KernelEvent]] = defaultdict(list)
     for k in kernels:
         by_run[k.run].append(k)
-    totals: dict[str, float] = defaultdict(float)
+    per_run: dict[str, list[float]] = defaultdict(list)
     for events in by_run.values():
+        totals: dict[str, float] = defaultdict(float)
         names = [resolve(k.name, k.op_type) for k in events]
         for i, (k, name) in enumerate(zip(events, names)):
             owner = name or _neighbour(names, i, prefer_next=k.name.startswith("ReorderInput"))
             totals[owner or UNATTRIBUTED] += k.dur_us / 1e3
-    return {name: ms / max(runs, 1) for name, ms in totals.items()}
+        for name, ms in totals.items():
+            per_run[name].append(ms)
+    runs = max(runs, len(by_run), 1)
+    return {name: statistics.median(values + [0.0] * (runs - len(values))) for name, values in per_run.items()}
 
 
 def _neighbour(names: list[str | None], i: int, prefer_next: bool) -> str | None:
