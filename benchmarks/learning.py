@@ -31,7 +31,7 @@ import time
 
 from tabulate import tabulate
 
-from adaptopt.adapt.assemble import other_shape_feeds
+from adaptopt.adapt.assemble import other_size_check
 from adaptopt.adapt.cache import MeasurementCache, target_fingerprint
 from adaptopt.adapt.loop import prepare_run, q_settings
 from adaptopt.adapt.prepass import with_signature
@@ -67,7 +67,7 @@ def _setup(case, args):
     index = GraphIndex.build(model)
     cache = MeasurementCache(None, target_fingerprint(config.target))  # one shared in-memory pool
     ctx, _ = prepare_run(model, index, feeds, config, ACCURACY_BUDGET, cache=cache)
-    ctx.use_other_sizes(with_signature(model, skeleton), other_shape_feeds(skeleton, feeds))  # as optimize does
+    ctx.use_other_sizes(with_signature(model, skeleton), other_size_check(skeleton, feeds, config)[0])  # as optimize does
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     return config, ctx, tree
 

@@ -15,7 +15,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -248,29 +248,57 @@ def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], refer
 
 
 def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Feeds with every dynamic dim at another size (1 -> 2, n -> n // 2), or None if static."""
+    """Feeds with every dynamic dim at another size (1 -> 2, n -> n // 2), or None if static
+    (the first of :func:`other_shape_candidates`)."""
+    return next(other_shape_candidates(skeleton, feeds), None)
+
+
+def other_shape_candidates(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+                           ) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds at other sizes of the dynamic dims, to try in order: every dim moved (1 -> 2,
+    n -> n // 2), then each named dim alone. Dims tied by arithmetic break the first: a
+    KV-cache decoder's mask is past + seq long, and past 0 / seq 8 / mask 8 became
+    1 / 4 / 4, which the original refuses, so nothing was checked at another size; moving
+    ``batch`` alone still runs."""
     dynamic = dynamic_inputs(skeleton)
     if not dynamic:
-        return None
-    out = {}
-    for vi in model_inputs(skeleton):
+        return
+    inputs = [vi for vi in model_inputs(skeleton) if vi.name in dynamic]
+    names = list(dict.fromkeys(d.dim_param for vi in inputs for d in vi.type.tensor_type.shape.dim if d.dim_param))
+    yield _moved(inputs, feeds, lambda name: True)
+    for name in names if len(names) > 1 else ():
+        yield _moved(inputs, feeds, lambda dim_name, name=name: dim_name == name)
+
+
+def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """``feeds`` with the dynamic dims that ``moves(dim_param)`` at another size (unnamed ones
+    move with every dim); each value tiled/cropped from the reference feed, so its range stays."""
+    out = dict(feeds)
+    for vi in inputs:
         value = feeds[vi.name]
-        if vi.name not in dynamic:
-            out[vi.name] = value
-            continue
         dims = vi.type.tensor_type.shape.dim
-        shape = [d if (i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0)
-                 else (2 if d == 1 else max(1, d // 2)) for i, d in enumerate(value.shape)]
+        shape = []
+        for i, d in enumerate(value.shape):
+            fixed = i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0
+            moving = not fixed and moves(dims[i].dim_param if i < len(dims) else "")
+            shape.append((2 if d == 1 else max(1, d // 2)) if moving else d)
         if value.size == 0:  # an empty feed (a zero-length past, say) has no values to tile
             out[vi.name] = np.zeros(shape, value.dtype)
             continue
-        # reuse the reference values' range: tile/crop the original feed to the new shape
         idx = tuple(np.arange(n) % max(value.shape[i], 1) for i, n in enumerate(shape))
         out[vi.name] = value[np.ix_(*idx)] if value.ndim else value
     return out
 
 
 _last_other_reference: dict = {}  # (model digest, feeds digest, target) -> (alt feeds, reference outputs)
+
+
+def other_size_check(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
+                     ) -> tuple[dict | None, bool]:
+    """The other-size feeds rewrites are checked at, and whether the original runs there
+    (False: no size tried works, and only the configured shapes are checked)."""
+    alt, reference = _other_shape_reference(skeleton, feeds, config)
+    return (alt if reference is not None else None), reference is not None
 
 
 def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
@@ -282,11 +310,14 @@ def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.nda
     key = (model_digest(skeleton), _feeds_digest(feeds), config.target)
     if key in _last_other_reference:
         return _last_other_reference[key]
-    alt = other_shape_feeds(skeleton, feeds)
-    reference = None
-    if alt is not None:
+    alt = reference = None
+    session = None
+    for candidate in other_shape_candidates(skeleton, feeds):  # the first size the original runs at
+        alt = candidate
         try:
-            reference = run(make_session(skeleton, config.target, level="all"), alt)
+            session = session or make_session(skeleton, config.target, level="all")
+            reference = run(session, candidate)
+            break
         except ort_errors():
             reference = None
     _last_other_reference.clear()

@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnx
 
-from adaptopt.adapt.assemble import Base, assemble, finalize, gate_apart, other_shape_feeds, with_model_passes
+from adaptopt.adapt.assemble import Base, assemble, finalize, gate_apart, other_size_check, with_model_passes
 from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import inferred_copy, prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, target_fingerprint, target_stamp
@@ -23,6 +23,7 @@ from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs
 from adaptopt.graph.index import GraphIndex
+from adaptopt.graph.io import dynamic_inputs
 from adaptopt.graph.partition import PartitionTree, partition
 from adaptopt.policy.prior import stamp_target, starting_table
 from adaptopt.profile.calibrate import resolve_cache_dir
@@ -76,6 +77,9 @@ def q_settings(config: Config, epochs: int | None = None) -> QSettings:
                      optimistic_init=p.optimistic_init)
 
 
+PREPASS_SHARE = 0.4
+
+
 def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Config,
                    options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     """Optimize ``model`` (dims pinned) and return a model with ``skeleton``'s signature."""
@@ -89,6 +93,9 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     # (one int8 rewrite of the whole model is often the largest win: a slow pre-pass on a
     # big model must not leave it no time)
     deadline = Deadline((0.6 if budget > 0 else 0.75) * budget_s)
+    # the pre-pass starts no pass after PREPASS_SHARE of the search's time: on a 440 MB encoder
+    # each judged step took 20-40 s, and the pre-pass used all of it (no leaf was searched)
+    prepass_deadline = Deadline(PREPASS_SHARE * deadline.seconds)
     lossy_deadline = Deadline(0.85 * budget_s)
     run_deadline = Deadline(budget_s)  # timing apart runs a second or third batch only within it
 
@@ -102,7 +109,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("pre-pass")
     cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
-                  deadline.expired, run_deadline)
+                  prepass_deadline.expired, run_deadline)
     say(f"whole-model exact passes: {pre.reason}")
     work = with_signature(pre.model, skeleton)
     base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None
@@ -111,7 +118,12 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     index = GraphIndex.build(pre.model)
     ctx, machine = prepare_run(pre.model, index, feeds, config, budget, deadline, cache=cache)
     ctx.run_deadline = run_deadline
-    ctx.use_other_sizes(work, other_shape_feeds(skeleton, feeds))
+    other_feeds, other_runs = other_size_check(skeleton, feeds, config)
+    ctx.use_other_sizes(work, other_feeds)
+    other_sizes = "checked" if other_runs else "static model" if not dynamic_inputs(skeleton) else \
+        "not checked: the original runs at no other size of its dynamic dims that was tried"
+    if other_feeds is None and dynamic_inputs(skeleton):
+        say(f"other sizes {other_sizes}; rewrites are checked at the configured shapes only")
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
     leaves = tree.leaves()
@@ -166,6 +178,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
                           measurements, ctx.cache.hits, counters)
     report["prepass"] = pre.to_dict()
     report["settings"]["policy_start"] = table_origin
+    report["settings"]["other_sizes"] = other_sizes
     if unmeasured:
         report["counters_skipped"] = {"leaves": unmeasured, "reason": "time budget spent before their counters ran"}
     return finalize(assembly, report, tree)

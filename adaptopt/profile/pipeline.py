@@ -118,19 +118,20 @@ def _capture_all(model: onnx.ModelProto, feeds: dict, boundary: list[str], confi
 def _capture_other_sizes(model: onnx.ModelProto, signature: onnx.ModelProto | None, feeds: dict,
                          boundary: list[str], config: Config) -> dict[str, np.ndarray] | None:
     """The boundary tensors with the model's dynamic dims at another size: the feeds
-    ``optimize`` checks rewrites at (:func:`adaptopt.adapt.assemble.other_shape_feeds`)
-    run through ``model`` with ``signature``'s dynamic inputs and outputs. None when the
-    model has no dynamic input dim, or does not run at the other size (every leaf is then
-    timed pinned, as ``optimize`` then keeps its leaves pinned too)."""
-    from adaptopt.adapt.assemble import other_shape_feeds
+    ``optimize`` checks rewrites at (the first of :func:`adaptopt.adapt.assemble.other_shape_candidates`
+    the model runs at) run through ``model`` with ``signature``'s dynamic inputs and outputs.
+    None when the model has no dynamic input dim, or runs at no other size tried (every
+    leaf is then timed pinned, as ``optimize`` then keeps its leaves pinned too)."""
+    from adaptopt.adapt.assemble import other_shape_candidates
     from adaptopt.adapt.prepass import with_signature
-    other_feeds = other_shape_feeds(signature, feeds) if signature is not None else None
-    if other_feeds is None:
+    if signature is None:
         return None
-    try:
-        return capture(with_signature(model, signature), other_feeds, boundary, config.target)
-    except InputError:  # the model itself fails at the other size
-        return None
+    for other_feeds in other_shape_candidates(signature, feeds):
+        try:
+            return capture(with_signature(model, signature), other_feeds, boundary, config.target)
+        except InputError:  # the model itself fails at this size: try the next
+            continue
+    return None
 
 
 def leaf_model(index: GraphIndex, leaf: Subgraph, values: dict, constants: frozenset[str]
