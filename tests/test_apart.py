@@ -281,3 +281,14 @@ def test_timings_after_the_search_shrink_to_what_the_budget_leaves():
     assert assemble.verify_seconds(None) == assemble.MAX_VERIFY_S
     assert assemble.verify_seconds(Deadline(25.0)) == pytest.approx(25.0, abs=0.5)
     assert assemble.verify_seconds(Deadline(0)) == assemble.MIN_VERIFY_S  # spent: still enough rounds for a verdict
+
+
+def test_a_leaf_confirmation_is_not_timed_apart_once_the_budget_is_spent(monkeypatch):
+    from adaptopt.budget import Deadline
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=8))
+    monkeypatch.setattr(assemble, "apart", lambda *a, **k: pytest.fail("timed apart past the budget"))
+    cache = MeasurementCache(None, "fp")
+    assert assemble.timed_apart(cache, config, model, model, {}, Deadline(0), in_budget=True) == ()
+    monkeypatch.setattr(assemble, "apart", lambda *a, **k: pairs(*CONVNEXT))  # a longer run times them after all
+    assert len(assemble.timed_apart(cache, config, model, model, {}, Deadline(60), in_budget=True)) >= 8

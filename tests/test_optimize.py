@@ -555,6 +555,35 @@ def test_pre_pass_drops_a_refused_step_and_runs_the_next_passes_without_it():
     assert identities(result) == 1 and any(n.op_type == "QuickGelu" for n in result.graph.node)
 
 
+def test_steps_are_only_checked_once_judging_them_all_would_not_fit():
+    """A judged step that takes longer than the time left allows for the remaining passes
+    (a 440 MB encoder: 20-40 s each) turns the rest into output checks; the final
+    timing of the whole result decides then."""
+    import time as clock
+    from onnx import TensorProto, helper
+    from adaptopt.adapt.prepass import apply_exact_passes
+    from adaptopt.passes.registry import all_passes
+    nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Sigmoid", ["i"], ["s"]),
+             helper.make_node("Mul", ["i", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    judged, checked = [], []
+
+    def judge(before, after):
+        clock.sleep(0.05)
+        judged.append(after)
+        return ""
+
+    def check(before, after):
+        checked.append(after)
+        return ""
+
+    _, applied, _, _ = apply_exact_passes(model, all_passes(), Config(), {}, judge, check=check,
+                                          time_left=lambda: 0.02)
+    assert len(judged) == 1 and len(checked) == len(applied) - 1 >= 1
+
+
 def test_a_spent_budget_skips_the_search_and_still_verifies(tmp_path, resnet_model, fast_config):
     """--budget already spent: no pre-pass step, no leaf searched (not even measured), no
     whole-model lossy try; what is written is still checked and is the original."""

@@ -71,7 +71,7 @@ def confirm_leaf(ctx, plan) -> SideBySide:
     env = plan.env
     original, feeds = env.runnable(env.model)
     candidate, _ = env.runnable(env.step(plan.result.sequence).model)
-    return timed(ctx, original, candidate, feeds, rounds=10)
+    return timed(ctx, original, candidate, feeds, rounds=10, apart_in_budget=True)
 
 
 @dataclass(frozen=True)
@@ -399,7 +399,7 @@ def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, fe
 def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
                         feeds: Mapping[str, np.ndarray], rounds: int = 15, purpose: str = "",
                         settle_gains: bool = True, max_seconds: float = 60.0,
-                        more_until: Deadline | None = None) -> SideBySide:
+                        more_until: Deadline | None = None, apart_in_budget: bool = False) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision).
 
     A different ``purpose`` is a separate, independent measurement of the same pair
@@ -417,21 +417,24 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
                                max_seconds=max_seconds)
     if settle_gains:
-        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until)
+        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
               apart=None if side.apart is None else list(side.apart))
     return side
 
 
 def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
-                feeds: Mapping[str, np.ndarray], more_until: Deadline | None = None) -> tuple[float, ...] | None:
+                feeds: Mapping[str, np.ndarray], more_until: Deadline | None = None,
+                in_budget: bool = False) -> tuple[float, ...] | None:
     """:func:`verify.apart` with the config's pairs and seconds, another batch while the
     pairs lean to a gain without settling it (up to ``APART_LOOKS``, ``APART_MAX_S`` in
     all); cached by both models' digests when ``cache`` is given. None when
     ``profiling.apart_pairs`` is 0.
 
     ``more_until`` (the run's ``--budget``): the first batch always runs (without it no
-    gain is confirmed), later batches only before it expires and within what it leaves."""
+    gain is confirmed), later batches only before it expires and within what it leaves;
+    ``in_budget``: the first batch too (none when it has expired: not confirmed). Not
+    cached when the budget cut it short."""
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
@@ -441,29 +444,31 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
     if entry is not None:
         return tuple(entry["pairs"])
     pairs: tuple[float, ...] = ()
+    cut = False  # the budget, not the verdict, ended the batches: a longer run must time them again
     deadline = time.perf_counter() + APART_MAX_S
     for look in range(APART_LOOKS):  # another batch while the pairs lean to a gain but do not settle it
         left = deadline - time.perf_counter()
-        if look and more_until is not None:
-            left = min(left, more_until.remaining())
+        if (look or in_budget) and more_until is not None and more_until.remaining() < left:
+            left, cut = more_until.remaining(), True
         if left <= 0:
             break
         pairs += apart(original, candidate, feeds, config.target, profiling.apart_pairs, profiling.apart_seconds,
                        max_seconds=left)
         if not worth_another_look(pairs):
+            cut = False
             break
-    if key:
+    if key and not cut:
         cache.put(key, pairs=list(pairs))
     return pairs
 
 
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,
                       candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-                      more_until: Deadline | None = None) -> SideBySide:
+                      more_until: Deadline | None = None, apart_in_budget: bool = False) -> SideBySide:
     """``side`` with its pairs timed apart when its gain is one of 1-3% (:meth:`SideBySide.needs_apart`)."""
     if not side.needs_apart():
         return side
-    pairs = timed_apart(cache, config, original, candidate, feeds, more_until)
+    pairs = timed_apart(cache, config, original, candidate, feeds, more_until, apart_in_budget)
     return side if pairs is None else replace(side, apart=pairs)
 
 
@@ -509,10 +514,15 @@ def pair_key(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mappi
 
 
 def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
-          feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "") -> SideBySide:
+          feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "",
+          apart_in_budget: bool = False) -> SideBySide:
+    """``apart_in_budget``: even the first batch timed apart runs only within ``--budget`` (a
+    leaf's confirmation: not confirmed, the leaf is not kept; on a 440 MB encoder five
+    leaves' batches took 150 s after the budget was spent)."""
     return cached_side_by_side(ctx.cache, ctx.config, original, candidate,
                                ctx.feeds if feeds is None else feeds, rounds, purpose,
-                               max_seconds=verify_seconds(ctx.run_deadline), more_until=ctx.run_deadline)
+                               max_seconds=verify_seconds(ctx.run_deadline), more_until=ctx.run_deadline,
+                               apart_in_budget=apart_in_budget)
 
 
 MAX_VERIFY_S = 60.0  # one side-by-side timing after the search, at most

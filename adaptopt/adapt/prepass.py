@@ -11,14 +11,18 @@ and local rewrites add to — never compete with — our own static baseline.
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 
-from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere
+from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere, verify_seconds
 from adaptopt.adapt.verify import SideBySide
+from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.io import dynamic_inputs, forget_body_shapes
 
@@ -64,28 +68,39 @@ def inferred_copy(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
                        judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
-                       should_stop: Callable[[], bool] = lambda: False
+                       should_stop: Callable[[], bool] = lambda: False,
+                       check: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
+                       time_left: Callable[[], float] = lambda: math.inf
                        ) -> tuple[onnx.ModelProto, list[str], list[str], list[dict]]:
     """Each pass in order on the whole model; a pass that fails is skipped and named.
 
     ``judge(before, after)`` may refuse a step (it returns why); the next pass then
     runs on the model before it. ``should_stop()`` (the run's time budget) ends the
-    sequence early. Returns (model, applied, errors, dropped)."""
+    sequence early. When judging every step left would not fit in ``time_left()`` (the
+    steps judged so far tell what one costs; on a 440 MB encoder 20-40 s), the steps are
+    only ``check``-ed (outputs) from then on and the caller's final timing decides:
+    judged, three passes used the whole pre-pass time. Returns (model, applied, errors, dropped)."""
     from adaptopt.passes.base import PassContext, apply_guarded
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=0.0, seed=config.policy.seed)
     applied, errors, dropped = [], [], []
-    for p in passes:
+    candidates = [p for p in passes if p.guarantee == "exact" and p.scope != "model"]
+    judged_s: list[float] = []
+    for i, p in enumerate(candidates):
         if should_stop():
             break
-        if p.guarantee != "exact" or p.scope == "model":
-            continue
         result, error = apply_guarded(p, model, ctx)
         if result is None:
             errors.append(error)
             continue
         if not result.modified:
             continue
-        why = judge(model, result.model) if judge else ""
+        step_cost = statistics.fmean(judged_s) if judged_s else 0.0
+        if judge and step_cost * (len(candidates) - i) <= time_left():
+            started = time.perf_counter()
+            why = judge(model, result.model)
+            judged_s.append(time.perf_counter() - started)
+        else:
+            why = check(model, result.model) if check else ""
         if why:
             dropped.append({"pass": p.name, "why": why})
             continue
@@ -96,7 +111,7 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
 
 def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, config: Config,
             feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache,
-            should_stop: Callable[[], bool] = lambda: False, run_deadline=None) -> PrePass:
+            deadline: Deadline | None = None, run_deadline: Deadline | None = None) -> PrePass:
     """``model`` is the pinned work model; the passes run on ``skeleton`` (the user's own
     signature, dynamic dims kept), so nothing they fold can bake in the profiled sizes.
 
@@ -105,23 +120,31 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     the next pass runs without it (ORT's BERT fusions, for one, slow some encoders down
     and would cancel the gain of the passes after them). The result is kept only when
     it is faster than the original side by side, and returned pinned again, for the
-    per-leaf search. ``run_deadline`` (the whole ``--budget``) bounds the timing apart of
-    a small gain beyond its first batch."""
+    per-leaf search. No pass starts after ``deadline``, and steps are judged one by one
+    only while that fits before it (:func:`apply_exact_passes`); ``run_deadline`` (the
+    whole ``--budget``) bounds the timing apart of a small gain beyond its first batch."""
     from adaptopt.api import pinned_copy
+
+    deadline = deadline or Deadline(None)
 
     def judge(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
         return _step_verdict(skeleton, with_signature(before, skeleton), with_signature(after, skeleton),
                              config, feeds, reference, cache)
 
+    def check(_before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+        validation = check_everywhere(skeleton, with_signature(after, skeleton), feeds, reference, config, 0.0)
+        return "" if validation.ok else f"changes the outputs: {validation.reason}"
+
     current, applied, errors, dropped = apply_exact_passes(inferred_copy(skeleton, "pre-pass"), passes, config,
-                                                           feeds, judge, should_stop)
+                                                           feeds, judge, deadline.expired, check, deadline.remaining)
     pre = PrePass(model, False, applied, errors, dropped=dropped)
     if not applied:
         pre.reason = "no exact pass applies to the whole model" if not dropped else \
             f"every exact pass that applied was dropped ({', '.join(d['pass'] for d in dropped)})"
         return pre
     signed = pre.cleaned = with_signature(current, skeleton)
-    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=run_deadline)
+    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=run_deadline,
+                                   max_seconds=verify_seconds(deadline))
     if not pre.side.significant():
         pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.describe()})"
         return pre
