@@ -22,7 +22,8 @@ import onnx
 
 from adaptopt.adapt.environment import model_digest
 from adaptopt.adapt.verify import (
-    APART_LOOKS, APART_MAX_S, SideBySide, apart, interleaved_medians, side_by_side, worth_another_look,
+    APART_LOOKS, APART_MAX_S, MIN_MODEL_GAIN, SideBySide, apart, interleaved_medians, side_by_side,
+    worth_another_look,
 )
 from adaptopt.budget import Deadline
 from adaptopt.config import Config, InputSpec
@@ -71,7 +72,7 @@ def confirm_leaf(ctx, plan) -> SideBySide:
     env = plan.env
     original, feeds = env.runnable(env.model)
     candidate, _ = env.runnable(env.step(plan.result.sequence).model)
-    return timed(ctx, original, candidate, feeds, rounds=10, apart_in_budget=True)
+    return timed(ctx, original, candidate, feeds, rounds=10, apart_in_budget=True, floor=MIN_LEAF_GAIN)
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,8 @@ def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, fe
 def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
                         feeds: Mapping[str, np.ndarray], rounds: int = 15, purpose: str = "",
                         settle_gains: bool = True, max_seconds: float = 60.0,
-                        more_until: Deadline | None = None, apart_in_budget: bool = False) -> SideBySide:
+                        more_until: Deadline | None = None, apart_in_budget: bool = False,
+                        floor: float = MIN_MODEL_GAIN) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision).
 
     A different ``purpose`` is a separate, independent measurement of the same pair
@@ -417,7 +419,7 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
                                max_seconds=max_seconds)
     if settle_gains:
-        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget)
+        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget, floor)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
               apart=None if side.apart is None else list(side.apart))
     return side
@@ -464,9 +466,10 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
 
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,
                       candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-                      more_until: Deadline | None = None, apart_in_budget: bool = False) -> SideBySide:
+                      more_until: Deadline | None = None, apart_in_budget: bool = False,
+                      floor: float = MIN_MODEL_GAIN) -> SideBySide:
     """``side`` with its pairs timed apart when its gain is one of 1-3% (:meth:`SideBySide.needs_apart`)."""
-    if not side.needs_apart():
+    if not side.needs_apart(floor):
         return side
     pairs = timed_apart(cache, config, original, candidate, feeds, more_until, apart_in_budget)
     return side if pairs is None else replace(side, apart=pairs)
@@ -515,14 +518,16 @@ def pair_key(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mappi
 
 def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
           feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "",
-          apart_in_budget: bool = False) -> SideBySide:
+          apart_in_budget: bool = False, floor: float = MIN_MODEL_GAIN) -> SideBySide:
     """``apart_in_budget``: even the first batch timed apart runs only within ``--budget`` (a
     leaf's confirmation: not confirmed, the leaf is not kept; on a 440 MB encoder five
-    leaves' batches took 150 s after the budget was spent)."""
+    leaves' batches took 150 s after the budget was spent). ``floor``: the gain the caller
+    keeps without timing apart (a leaf's is ``MIN_LEAF_GAIN``: a leaf at 2.6% was timed
+    apart, then kept on its one-process gain whatever the pairs said)."""
     return cached_side_by_side(ctx.cache, ctx.config, original, candidate,
                                ctx.feeds if feeds is None else feeds, rounds, purpose,
                                max_seconds=verify_seconds(ctx.run_deadline), more_until=ctx.run_deadline,
-                               apart_in_budget=apart_in_budget)
+                               apart_in_budget=apart_in_budget, floor=floor)
 
 
 MAX_VERIFY_S = 60.0  # one side-by-side timing after the search, at most

@@ -82,12 +82,12 @@ class SideBySide:
         gain = math.log(self.speedup)
         return gain > max(2.0 * self.noise, floor) or (gain > 0.0 and self.agreed_apart())
 
-    def needs_apart(self) -> bool:
-        """Faster in one process, but by less than ``MIN_MODEL_GAIN`` or not beyond its noise:
+    def needs_apart(self, floor: float = MIN_MODEL_GAIN) -> bool:
+        """Faster in one process, but by less than ``floor`` or not beyond its noise:
         the pairs timed apart decide. (convnext's exact passes measured 1.017-1.054x in one
         process over several runs, at times inside the noise, and 1.020-1.035x apart.)"""
         gain = math.log(self.speedup)
-        return self.apart is None and 0.0 < gain and not gain > max(2.0 * self.noise, MIN_MODEL_GAIN)
+        return self.apart is None and 0.0 < gain and not gain > max(2.0 * self.noise, floor)
 
     def agreed_apart(self) -> bool:
         """:func:`apart_agrees` on the pairs timed apart (False when none were)."""
