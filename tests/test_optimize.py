@@ -575,8 +575,8 @@ def test_steps_are_only_checked_once_judging_them_all_would_not_fit():
         judged.append(after)
         return ""
 
-    def check(before, after):
-        checked.append(after)
+    def check(name, before, after):
+        checked.append(name)
         return ""
 
     _, applied, _, _ = apply_exact_passes(model, all_passes(), Config(), {}, judge, check=check,

@@ -36,10 +36,12 @@ class PrePass:
     side: SideBySide | None = None
     reason: str = ""
     dropped: list[dict] = field(default_factory=list)  # {"pass", "why"}: applied, then taken back
+    untimed: list[str] = field(default_factory=list)  # steps only checked, not timed alone (no time for it)
     cleaned: onnx.ModelProto | None = None  # the kept steps on the user's signature, kept or not (None: no step)
 
     def to_dict(self) -> dict:
         return {"kept": self.kept, "applied": self.applied, "dropped": self.dropped, "errors": self.errors,
+                "untimed": self.untimed,
                 "reason": self.reason, "side_by_side": self.side.to_dict() if self.side else None}
 
 
@@ -69,7 +71,7 @@ def inferred_copy(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
                        judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
                        should_stop: Callable[[], bool] = lambda: False,
-                       check: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
+                       check: Callable[[str, onnx.ModelProto, onnx.ModelProto], str] | None = None,
                        time_left: Callable[[], float] = lambda: math.inf
                        ) -> tuple[onnx.ModelProto, list[str], list[str], list[dict]]:
     """Each pass in order on the whole model; a pass that fails is skipped and named.
@@ -78,7 +80,7 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
     runs on the model before it. ``should_stop()`` (the run's time budget) ends the
     sequence early. When judging every step left would not fit in ``time_left()`` (the
     steps judged so far tell what one costs; on a 440 MB encoder 20-40 s), the steps are
-    only ``check``-ed (outputs) from then on and the caller's final timing decides:
+    only ``check(pass name, before, after)``-ed (outputs) from then on and the caller's final timing decides:
     judged, three passes used the whole pre-pass time. Returns (model, applied, errors, dropped)."""
     from adaptopt.passes.base import PassContext, apply_guarded
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=0.0, seed=config.policy.seed)
@@ -100,7 +102,7 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
             why = judge(model, result.model)
             judged_s.append(time.perf_counter() - started)
         else:
-            why = check(model, result.model) if check else ""
+            why = check(p.name, model, result.model) if check else ""
         if why:
             dropped.append({"pass": p.name, "why": why})
             continue
@@ -131,13 +133,15 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
         return _step_verdict(skeleton, with_signature(before, skeleton), with_signature(after, skeleton),
                              config, feeds, reference, cache)
 
-    def check(_before: onnx.ModelProto, after: onnx.ModelProto) -> str:
-        validation = check_everywhere(skeleton, with_signature(after, skeleton), feeds, reference, config, 0.0)
-        return "" if validation.ok else f"changes the outputs: {validation.reason}"
+    untimed: list[str] = []
+
+    def check(name: str, _before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+        untimed.append(name)
+        return _outputs_verdict(skeleton, with_signature(after, skeleton), feeds, reference, config)
 
     current, applied, errors, dropped = apply_exact_passes(inferred_copy(skeleton, "pre-pass"), passes, config,
                                                            feeds, judge, deadline.expired, check, deadline.remaining)
-    pre = PrePass(model, False, applied, errors, dropped=dropped)
+    pre = PrePass(model, False, applied, errors, dropped=dropped, untimed=[n for n in untimed if n in applied])
     if not applied:
         pre.reason = "no exact pass applies to the whole model" if not dropped else \
             f"every exact pass that applied was dropped ({', '.join(d['pass'] for d in dropped)})"
@@ -162,12 +166,19 @@ def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onn
                   feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], cache) -> str:
     """Why one pass's step must be dropped ("" to keep it): changed outputs, or slower
     than the model before it beyond the A/A noise."""
-    validation = check_everywhere(skeleton, after, feeds, reference, config, 0.0)
-    if not validation.ok:
-        return f"changes the outputs: {validation.reason}"
+    why = _outputs_verdict(skeleton, after, feeds, reference, config)
+    if why:
+        return why
     # only "slower?" is asked here: a gain hidden by the noise keeps the step either way
     side = cached_side_by_side(cache, config, before, after, feeds, purpose=":step", settle_gains=False,
                                max_seconds=STEP_SECONDS)
     if side.slower():
         return f"slower ({side.speedup:.3f}x, A/A noise {side.noise:.3f})"
     return ""
+
+
+def _outputs_verdict(skeleton: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                     reference: Mapping[str, np.ndarray], config: Config) -> str:
+    """Why a step must be dropped for its outputs ("" when they match, also at other sizes)."""
+    validation = check_everywhere(skeleton, after, feeds, reference, config, 0.0)
+    return "" if validation.ok else f"changes the outputs: {validation.reason}"

@@ -202,7 +202,9 @@ def _prepass_lines(pre: dict | None) -> list[str]:
     """The whole-model exact passes: what ran, what was dropped and why, and the verdict."""
     if not pre or not (pre.get("applied") or pre.get("dropped") or pre.get("errors")):
         return []
-    rows = [[name, "kept", ""] for name in pre.get("applied", [])]
+    untimed = set(pre.get("untimed", []))
+    rows = [[name, "kept", "outputs checked; not timed alone (the time left was short)" if name in untimed else ""]
+            for name in pre.get("applied", [])]
     rows += [[d["pass"], "dropped", d["why"]] for d in pre.get("dropped", [])]
     rows += [["", "error", e] for e in pre.get("errors", [])]
     verdict = "kept" if pre.get("kept") else "not kept"
