@@ -58,6 +58,18 @@ def test_static_qdq_needs_feeds(resnet_model):
     assert "ctx.feeds" in assert_noop("quantize_static_qdq", prepared(resnet_model), feeds=None, budget=0.99)
 
 
+def test_static_qdq_refuses_a_float16_graph():
+    """ORT's quantizer raised inside on a half-precision model; the pass now says why it does not apply."""
+    from onnx import TensorProto
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float16), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.ones((4, 16), np.float16)}
+    assert "float16" in assert_noop("quantize_static_qdq", model, feeds=feeds, budget=0.99)
+
+
 def test_static_qdq_refuses_a_budget_it_cannot_keep(resnet_model):
     model = prepared(resnet_model)
     result = apply("quantize_static_qdq", model, feeds_for(model), budget=0.9999999)

@@ -59,6 +59,13 @@ def _has_weight(ed: GraphEditor, node: onnx.NodeProto, ops: tuple[str, ...], min
             and not ed.is_const(node.input[0]))
 
 
+def _has_float16(model: onnx.ModelProto) -> bool:
+    """A float16 graph input or initializer (a half-precision model or leaf)."""
+    fp16 = onnx.TensorProto.FLOAT16
+    return (any(i.type.tensor_type.elem_type == fp16 for i in model.graph.input)
+            or any(t.data_type == fp16 for t in model.graph.initializer))
+
+
 def _weighted(model: onnx.ModelProto, ops: tuple[str, ...], min_elements: int = 1) -> list[onnx.NodeProto]:
     ed = GraphEditor(model, "probe")
     return [n for n in ed.nodes if _has_weight(ed, n, ops, min_elements)]
@@ -159,6 +166,8 @@ class QuantizeStaticPass(Pass):
             return no("static quantization needs the captured input values (ctx.feeds) for calibration")
         if default_opset(model) < 13:
             return no(f"per-channel QDQ needs opset >= 13 (model has {default_opset(model)})")
+        if _has_float16(model):  # ORT's quantizer raised "Quantization parameters are not specified"
+            return no("ORT's static quantizer calibrates float32 activations; this graph holds float16 ones")
         found = _weighted(model, ("Conv", "MatMul", "Gemm")) + _fused_convs(model)
         return yes(f"{len(found)} Conv/MatMul/Gemm with constant weights") if found else \
             no("no Conv/MatMul/Gemm with constant float weights")
