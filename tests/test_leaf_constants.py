@@ -103,7 +103,7 @@ def test_optimize_on_a_tied_weight_model_keeps_its_outputs(tmp_path, fast_config
 def test_a_leaf_of_a_dynamic_model_runs_with_its_varying_dims_open(fast_config):  # noqa: F811
     """The written model keeps the user's dynamic dims, and ONNX Runtime fuses a pinned leaf
     differently (MatMul+Add -> Gemm with Reshapes instead of MatMul+BiasGelu on convnext)."""
-    from adaptopt.adapt.assemble import other_shape_feeds
+    from adaptopt.adapt.assemble import other_size_check
     from adaptopt.adapt.prepass import with_signature
     skeleton = _tied_bias_model()
     skeleton.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
@@ -113,7 +113,7 @@ def test_a_leaf_of_a_dynamic_model_runs_with_its_varying_dims_open(fast_config):
     feeds = make_inputs(model, config)
     index = GraphIndex.build(model)
     ctx, _ = prepare_run(model, index, feeds, config, 0.0, cache=MeasurementCache(None, "test"))
-    ctx.use_other_sizes(with_signature(model, skeleton), other_shape_feeds(skeleton, feeds))
+    ctx.use_other_sizes(with_signature(model, skeleton), other_size_check(skeleton, feeds, config)[0])
     env = ctx.env_for(partition(index, 0, 3).leaves()[0])
     assert env.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value > 0  # the leaf itself is pinned
     runnable, _ = env.runnable(env.model)
@@ -174,14 +174,14 @@ def test_a_model_with_branches_is_checked_and_written_for_other_sizes_too(tmp_pa
     """The pinned work model's If bodies held the profiled sizes: at another batch size ONNX
     Runtime refused them, so no leaf of such a model was checked there (and the written model
     kept a branch output fixed at the profiled size)."""
-    from adaptopt.adapt.assemble import other_shape_feeds
+    from adaptopt.adapt.assemble import other_size_check
     from adaptopt.adapt.prepass import with_signature
     skeleton = _if_model()
     config = fast_config.replace(inputs={"x": InputSpec(shape=(4, N))})
     model = api.pinned_copy(skeleton, config, "if")
     feeds = make_inputs(model, config)
     signed = with_signature(model, skeleton)
-    other = other_shape_feeds(skeleton, feeds)
+    other, _ = other_size_check(skeleton, feeds, config)
     assert other["x"].shape[0] != 4
     expected = run_model(skeleton, other)["y"]
     np.testing.assert_allclose(run_model(signed, other)["y"], expected)  # refused before

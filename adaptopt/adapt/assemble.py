@@ -248,12 +248,6 @@ def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], refer
     return compare(reference, outputs, config.accuracy.exact_tolerance, budget)
 
 
-def other_shape_feeds(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Feeds with every dynamic dim at another size (1 -> 2, n -> n // 2), or None if static
-    (the first of :func:`other_shape_candidates`)."""
-    return next(other_shape_candidates(skeleton, feeds), None)
-
-
 def other_shape_candidates(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
                            ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds at other sizes of the dynamic dims, to try in order: every dim moved (1 -> 2,
@@ -291,9 +285,6 @@ def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str],
     return out
 
 
-_last_other_reference: dict = {}  # (model digest, feeds digest, target) -> (alt feeds, reference outputs)
-
-
 def other_size_check(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
                      ) -> tuple[dict | None, bool]:
     """The other-size feeds rewrites are checked at, and whether the original runs there
@@ -302,28 +293,38 @@ def other_size_check(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
     return (alt if reference is not None else None), reference is not None
 
 
+_per_run: dict = {}  # (what, model digest, feeds digest, target) -> the value: the last run's only
+
+
+def _remembered(what: str, skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config,
+                compute: Callable[[], object]):
+    """``compute()`` once per run: a run checks many candidates against the same original,
+    which is run on the extra feeds once. Remembered by content, and only the last run's,
+    so no user model stays alive in a module global after a run."""
+    key = (what, model_digest(skeleton), _feeds_digest(feeds), config.target)
+    if key not in _per_run:
+        if any(k[1:] != key[1:] for k in _per_run):
+            _per_run.clear()
+        _per_run[key] = compute()
+    return _per_run[key]
+
+
 def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
                            ) -> tuple[dict | None, dict | None]:
     """The other-size feeds and the original's outputs on them (None, None when the model is
-    static; reference None when the original fails there). A run checks many candidates
-    against the same skeleton: the original is run once (the last one is remembered by
-    content, so no model is kept alive after the run)."""
-    key = (model_digest(skeleton), _feeds_digest(feeds), config.target)
-    if key in _last_other_reference:
-        return _last_other_reference[key]
-    alt = reference = None
-    session = None
-    for candidate in other_shape_candidates(skeleton, feeds):  # the first size the original runs at
-        alt = candidate
-        try:
-            session = session or make_session(skeleton, config.target, level="all")
-            reference = run(session, candidate)
-            break
-        except ort_errors():
-            reference = None
-    _last_other_reference.clear()
-    _last_other_reference[key] = (alt, reference)
-    return alt, reference
+    static; reference None when the original runs at no size tried)."""
+    def compute():
+        alt = reference = session = None
+        for candidate in other_shape_candidates(skeleton, feeds):  # the first size the original runs at
+            alt = candidate
+            try:
+                session = session or make_session(skeleton, config.target, level="all")
+                reference = run(session, candidate)
+                break
+            except ort_errors():
+                reference = None
+        return alt, reference
+    return _remembered("other sizes", skeleton, feeds, config, compute)
 
 
 def _feeds_digest(feeds: Mapping[str, np.ndarray]) -> str:
@@ -362,26 +363,21 @@ def check_everywhere(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feed
     return result if other.ok else other
 
 
-_last_held_out: dict = {}  # (model digest, feeds digest, target) -> [(draw, reference outputs)]
-
-
 def _held_out_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config) -> list:
     """Fresh seeded inputs of the configured shapes and fills (not the reference input, not the
     calibration draws) with the original's outputs on them; none with ``inputs_file`` (real
-    inputs: a generated draw would not be one). Run once per run, remembered by content."""
+    inputs: a generated draw would not be one)."""
     if config.inputs_file:
         return []
-    key = (model_digest(skeleton), _feeds_digest(feeds), config.target)
-    if key not in _last_held_out:
+
+    def compute():
         from adaptopt.graph.capture import make_inputs
         session = make_session(skeleton, config.target, level="all")
-        shapes = {name: value.shape for name, value in feeds.items()}
-        pinned = config.replace(inputs={name: replace(config.inputs.get(name, InputSpec()), shape=shape)
-                                        for name, shape in shapes.items()})
+        pinned = config.replace(inputs={name: replace(config.inputs.get(name, InputSpec()), shape=value.shape)
+                                        for name, value in feeds.items()})
         draws = [make_inputs(skeleton, pinned, seed=seed) for seed in range(1, HELD_OUT_DRAWS + 1)]
-        _last_held_out.clear()
-        _last_held_out[key] = [(draw, run(session, draw)) for draw in draws]
-    return _last_held_out[key]
+        return [(draw, run(session, draw)) for draw in draws]
+    return _remembered("held out", skeleton, feeds, config, compute)
 
 
 def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
@@ -520,8 +516,9 @@ def timed(ctx, original: onnx.ModelProto, candidate: onnx.ModelProto,
           feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 15, purpose: str = "",
           apart_in_budget: bool = False, floor: float = MIN_MODEL_GAIN) -> SideBySide:
     """``apart_in_budget``: even the first batch timed apart runs only within ``--budget`` (a
-    leaf's confirmation: not confirmed, the leaf is not kept; on a 440 MB encoder five
-    leaves' batches took 150 s after the budget was spent). ``floor``: the gain the caller
+    leaf's confirmation: not confirmed, the leaf is not kept; on a 440 MB encoder the
+    merge + verify stage, five leaves each timed apart in 8 pairs, took 230 s after the
+    budget was spent). ``floor``: the gain the caller
     keeps without timing apart (a leaf's is ``MIN_LEAF_GAIN``: a leaf at 2.6% was timed
     apart, then kept on its one-process gain whatever the pairs said)."""
     return cached_side_by_side(ctx.cache, ctx.config, original, candidate,

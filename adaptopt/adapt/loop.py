@@ -120,9 +120,10 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     ctx.run_deadline = run_deadline
     other_feeds, other_runs = other_size_check(skeleton, feeds, config)
     ctx.use_other_sizes(work, other_feeds)
-    other_sizes = "checked" if other_runs else "static model" if not dynamic_inputs(skeleton) else \
+    dynamic = bool(dynamic_inputs(skeleton))
+    other_sizes = "checked" if other_runs else "static model" if not dynamic else \
         "not checked: the original runs at no other size of its dynamic dims that was tried"
-    if other_feeds is None and dynamic_inputs(skeleton):
+    if dynamic and not other_runs:
         say(f"other sizes {other_sizes}; rewrites are checked at the configured shapes only")
     clock.stage("partition")
     tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)

@@ -70,15 +70,14 @@ def inferred_copy(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
 def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, feeds: Mapping[str, np.ndarray],
                        judge: Callable[[onnx.ModelProto, onnx.ModelProto], str] | None = None,
-                       should_stop: Callable[[], bool] = lambda: False,
                        check: Callable[[str, onnx.ModelProto, onnx.ModelProto], str] | None = None,
                        time_left: Callable[[], float] = lambda: math.inf
                        ) -> tuple[onnx.ModelProto, list[str], list[str], list[dict]]:
     """Each pass in order on the whole model; a pass that fails is skipped and named.
 
     ``judge(before, after)`` may refuse a step (it returns why); the next pass then
-    runs on the model before it. ``should_stop()`` (the run's time budget) ends the
-    sequence early. When judging every step left would not fit in ``time_left()`` (the
+    runs on the model before it. No pass starts once ``time_left()`` (seconds, the run's
+    time budget) is 0. When judging every step left would not fit in it (the
     steps judged so far tell what one costs; on a 440 MB encoder 20-40 s), the steps are
     only ``check(pass name, before, after)``-ed (outputs) from then on and the caller's final timing decides:
     judged, three passes used the whole pre-pass time. Returns (model, applied, errors, dropped)."""
@@ -88,7 +87,7 @@ def apply_exact_passes(model: onnx.ModelProto, passes: list, config: Config, fee
     candidates = [p for p in passes if p.guarantee == "exact" and p.scope != "model"]
     judged_s: list[float] = []
     for i, p in enumerate(candidates):
-        if should_stop():
+        if time_left() <= 0:
             break
         result, error = apply_guarded(p, model, ctx)
         if result is None:
@@ -140,7 +139,7 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
         return _outputs_verdict(skeleton, with_signature(after, skeleton), feeds, reference, config)
 
     current, applied, errors, dropped = apply_exact_passes(inferred_copy(skeleton, "pre-pass"), passes, config,
-                                                           feeds, judge, deadline.expired, check, deadline.remaining)
+                                                           feeds, judge, check, deadline.remaining)
     pre = PrePass(model, False, applied, errors, dropped=dropped, untimed=[n for n in untimed if n in applied])
     if not applied:
         pre.reason = "no exact pass applies to the whole model" if not dropped else \
