@@ -299,6 +299,8 @@ def policy_show(qtable: str) -> None:
 def main() -> None:
     """The ``adaptopt`` entry point: click's usage errors become one line too (click prints
     a usage block by default), exit 2 as click gives them."""
+    from adaptopt.malloc import return_freed_memory_promptly
+    return_freed_memory_promptly()
     try:
         code = cli(prog_name="adaptopt", standalone_mode=False)
     except click.exceptions.ClickException as exc:

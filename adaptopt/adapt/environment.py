@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
@@ -64,6 +65,41 @@ class Step:
     lossy: bool = False
 
 
+class ModelMemory:
+    """The rewritten subgraph models kept in memory, across every environment sharing it.
+
+    Each rewritten model holds a copy of its leaf's weights. Capped per leaf, the eight
+    leaves of a 211 MB encoder kept up to 1.5 GB between them while the search visited them
+    in turn; one byte budget for all of them (a run shares one) drops the least recently
+    used first, and always keeps the newest. A dropped model is rebuilt by replaying its
+    passes, which are deterministic.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._held: OrderedDict[tuple[int, tuple[str, ...]], tuple["SubgraphEnv", int]] = OrderedDict()
+        self.bytes = 0
+
+    def used(self, env: "SubgraphEnv", sequence: tuple[str, ...]) -> None:
+        key = (id(env), sequence)
+        if key in self._held:
+            self._held.move_to_end(key)
+
+    def add(self, env: "SubgraphEnv", sequence: tuple[str, ...], model: onnx.ModelProto) -> None:
+        size = model.ByteSize()
+        self._held[(id(env), sequence)] = (env, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._held) > 1:
+            (_, old), (owner, old_size) = self._held.popitem(last=False)
+            self.bytes -= old_size
+            owner._steps.pop(old, None)
+
+    def forget(self, env: "SubgraphEnv", sequence: tuple[str, ...]) -> None:
+        held = self._held.pop((id(env), sequence), None)
+        if held is not None:
+            self.bytes -= held[1]
+
+
 @dataclass
 class SubgraphEnv:
     leaf_id: str
@@ -97,8 +133,8 @@ class SubgraphEnv:
     # leaf is run and timed with them as initializers, as ONNX Runtime sees them in the model
     constants: Mapping[str, np.ndarray] = field(default_factory=dict)
 
-    max_cached_models: int = 8  # rewritten models kept in memory (each holds the leaf's weights)
-    max_cached_bytes: int = 256 << 20  # and at most this much of them (one is always kept)
+    max_cached_models: int = 8  # rewritten models of this leaf kept in memory...
+    memory: ModelMemory = field(default_factory=ModelMemory)  # ...within the byte budget a run shares
 
     def __post_init__(self) -> None:
         self._steps[()] = Step(self.model)
@@ -176,13 +212,14 @@ class SubgraphEnv:
         """The model after ``sequence``; model None when a pass failed.
 
         Memoised by prefix, but only the ``max_cached_models`` most recent rewritten
-        models, and no more than ``max_cached_bytes`` of them, stay in memory (each holds
-        a copy of the leaf's weights: a 128 MB model's peak RSS went from 2.5 to 2.1 GB
-        with the byte cap); an evicted one is rebuilt by replaying its passes, which are
+        models of this leaf stay in memory, within the byte budget of :attr:`memory` (each
+        holds a copy of the leaf's weights: a 128 MB model's peak RSS went from 2.5 to 2.1 GB
+        with a byte cap); an evicted one is rebuilt by replaying its passes, which are
         deterministic.
         """
         if sequence in self._steps:
             self._steps[sequence] = self._steps.pop(sequence)  # most recently used last
+            self.memory.used(self, sequence)
             return self._steps[sequence]
         parent = self.step(sequence[:-1])
         name = sequence[-1]
@@ -191,17 +228,13 @@ class SubgraphEnv:
         else:
             result = self._apply(parent, name)
         self._steps[sequence] = result
-        self._evict()
+        if result.model is not None:
+            held = [seq for seq, st in self._steps.items() if seq and st.model is not None]  # oldest first
+            for seq in held[:max(0, len(held) - self.max_cached_models)]:
+                del self._steps[seq]
+                self.memory.forget(self, seq)
+            self.memory.add(self, sequence, result.model)
         return result
-
-    def _evict(self) -> None:
-        held = [seq for seq, st in self._steps.items() if seq and st.model is not None]  # oldest first
-        sizes = {seq: self._steps[seq].model.ByteSize() for seq in held}
-        total = sum(sizes.values())
-        while held and (len(held) > self.max_cached_models or (total > self.max_cached_bytes and len(held) > 1)):
-            seq = held.pop(0)
-            total -= sizes[seq]
-            del self._steps[seq]
 
     def _apply(self, parent: Step, name: str) -> Step:
         """A failing pass is a measured outcome: reverted, penalised, listed in ``pass_errors``."""

@@ -14,7 +14,7 @@ import onnx
 
 from adaptopt.adapt.cache import MeasurementCache
 from adaptopt.budget import Deadline
-from adaptopt.adapt.environment import Features, SubgraphEnv
+from adaptopt.adapt.environment import Features, ModelMemory, SubgraphEnv
 from adaptopt.config import Config
 from adaptopt.errors import InputError
 from adaptopt.graph.capture import capture
@@ -137,6 +137,7 @@ class RunContext:
     other_model: onnx.ModelProto | None = None
     other_inputs: dict[str, np.ndarray] | None = None
     other_values: dict[str, np.ndarray] | None = None
+    memory: ModelMemory = field(default_factory=ModelMemory)  # rewritten leaf models kept, all leaves together
 
     def expired(self) -> bool:
         return self.deadline.expired()
@@ -187,7 +188,7 @@ class RunContext:
         env = SubgraphEnv(sub.id, model, sub.content_hash, feeds, reference, self.passes, ctx, self.measurer,
                           self.cache, self.config.accuracy.__class__(self.config.accuracy.exact_tolerance,
                                                                      self.accuracy_budget),
-                          self.classify, op_times or None, other_feeds, other_reference)
+                          self.classify, op_times or None, other_feeds, other_reference, memory=self.memory)
         fixed = self.index.constant_tensors()
         env.constants = {n: v for n, v in feeds.items() if n in fixed and isinstance(v, np.ndarray)}
         not_tensors = [n for n in names if n in self.values and not isinstance(self.values[n], np.ndarray)]
