@@ -52,7 +52,8 @@ def memory_time_ms(cost: ModelCost, machine: MachineProfile) -> float:
     seconds = 0.0
     for node in cost.per_node:
         if node.known and node.bytes > 0:
-            in_cache = node.bytes <= machine.cache_bytes
+            # a Loop's or Scan's body runs ``runs`` times over its own working set
+            in_cache = node.bytes / max(node.runs, 1) <= machine.cache_bytes
             seconds += node.bytes / ((machine.cache_bandwidth_gbs if in_cache else machine.bandwidth_gbs) * 1e9)
     return seconds * 1e3
 
@@ -73,8 +74,8 @@ def classify(cost: ModelCost, median_ms: float, machine: MachineProfile, kernels
     intensity = cost.intensity
     if cost.flops == 0 and cost.bytes == 0 and cost.unknown_nodes:
         bound = "unknown"
-    elif overhead_ms >= roofline_ms:
-        bound = "overhead"
+    elif overhead_ms >= roofline_ms:  # a partial cost (a body not fully costed) is a lower bound only
+        bound = "unknown" if cost.is_partial else "overhead"
     elif compute_ms >= memory_ms:
         bound = "compute"
     else:
