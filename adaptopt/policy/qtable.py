@@ -20,6 +20,10 @@ from adaptopt.policy.state import STOP
 
 QTABLE_FORMAT = "adaptopt-qtable"
 QTABLE_VERSION = 1
+# a Q value is a sum of discounted log-speedup rewards (a few units); a file's value beyond this
+# is damage, and would overflow to inf/nan in the sums of look-alike states
+MAX_Q = 1e9
+MAX_VISITS = 2 ** 63 - 1
 
 
 def q_update(q: float, reward: float, next_best: float, learning_rate: float, discount: float) -> float:
@@ -132,7 +136,7 @@ class QTable:
         rows = []
         for state in sorted(self.values):
             for action, value in sorted(self.values[state].items(), key=lambda kv: -kv[1]):
-                rows.append({"state": state, "action": action, "q": round(value, 4),
+                rows.append({"state": _printable(state), "action": _printable(action), "q": round(value, 4),
                              "visits": self.visits.get(state, {}).get(action, 0)})
         return rows
 
@@ -150,29 +154,58 @@ class QTable:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, an integer of 4300+ digits
             raise InputError(f"{path}: cannot read Q-table ({exc})") from None
+        except RecursionError:  # e.g. 100,000 nested '[': the decoder gives up, it is not a table
+            raise InputError(f"{path}: not an adaptopt Q-table (JSON nested too deeply)") from None
         if not isinstance(data, dict) or data.get("format") != QTABLE_FORMAT:
             raise InputError(f"{path}: not an adaptopt Q-table (format '{QTABLE_FORMAT}' expected)")
         if data.get("version") != QTABLE_VERSION:
-            raise InputError(f"{path}: Q-table version {data.get('version')} is not supported "
-                             f"(expected {QTABLE_VERSION})")
+            raise InputError(f"{path}: Q-table version {_printable(repr(data.get('version')))[:40]} is not "
+                             f"supported (expected {QTABLE_VERSION})")
         values, visits = data.get("values", {}), data.get("visits", {})
         if not isinstance(values, dict) or not all(
-                isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                                            for x in v.values()) for v in values.values()):
-            raise InputError(f"{path}: Q-table values must map state -> action -> finite number")
+                isinstance(v, dict) and all(_q_value(x) for x in v.values()) for v in values.values()):
+            raise InputError(f"{path}: Q-table values must map state -> action -> finite number "
+                             f"(at most {MAX_Q:g} in magnitude)")
         if not isinstance(visits, dict) or not all(
-                isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values())
+                isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_VISITS
+                                            for n in v.values())
                 for v in visits.values()):
-            raise InputError(f"{path}: Q-table visits must map state -> action -> integer")
-        if not isinstance(data.get("meta", {}), dict):
+            raise InputError(f"{path}: Q-table visits must map state -> action -> non-negative integer")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
             raise InputError(f"{path}: Q-table meta must be an object")
+        trained_on = meta.get("trained_on", [])
+        if not isinstance(trained_on, list) or not all(isinstance(name, str) for name in trained_on):
+            raise InputError(f"{path}: Q-table meta.trained_on must be a list of model names")
+        meta = dict(meta, trained_on=[_printable(name) for name in trained_on]) if "trained_on" in meta else meta
+        if isinstance(meta.get("target"), dict):  # printed by `policy show` and a run's log: one line each
+            meta["target"] = {k: _printable(v) if isinstance(v, str) else v for k, v in meta["target"].items()}
         return cls({s: {a: float(q) for a, q in acts.items()} for s, acts in values.items()},
-                   {s: {a: int(n) for a, n in acts.items()} for s, acts in visits.items()}, data.get("meta", {}))
+                   {s: {a: int(n) for a, n in acts.items()} for s, acts in visits.items()}, meta)
 
     @classmethod
     def load_or_new(cls, path: str | Path | None) -> "QTable":
         if path is not None and Path(path).exists():
             return cls.load(path)
         return cls()
+
+
+def _q_value(x) -> bool:
+    """A usable Q value from a file: a JSON number (not true/false), finite, within +-MAX_Q
+    (an integer too large for a float, like 10**400, is refused, not an OverflowError)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x) and abs(float(x)) <= MAX_Q
+    except OverflowError:
+        return False
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, ESC, ...) written as its escape,
+    so that a name read from a file prints as one line and moves no terminal cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
