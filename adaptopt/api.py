@@ -172,10 +172,15 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
         from adaptopt.errors import ConfigError  # neither would do anything: a fixed sequence has no search
         raise ConfigError(f"{'--keep-subgraphs' if keep_subgraphs is not None else '--policy'} needs the search: "
                           "--passes applies a fixed sequence to the whole model (no partition tree, no Q-table)")
-    skeleton, model = _signature_and_work_model(source, config)
+    from adaptopt.graph.functions import inlined
+    given = load_model(source, config.replace(inputs={}), infer=False)
+    skeleton = inlined(given, log or (lambda message: None))  # passes see inside model-local functions
+    model = pinned_copy(skeleton, config, str(source))
     options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
                               allow_slower, progress, log)
     result = optimize_model(model, skeleton, config, options)
+    if result.model is skeleton:  # the original is written: as given, its functions not inlined
+        result.model = given
     if keep_subgraphs is not None and result.tree is not None:
         write_optimized_tree(result, keep_subgraphs, str(source), signature=skeleton)
     return result
@@ -207,13 +212,6 @@ def _check_accuracy_budget(budget: float) -> None:
     from adaptopt.errors import ConfigError
     if not 0.0 <= budget <= 1.0:
         raise ConfigError(f"--accuracy-budget must be a cosine similarity in [0, 1], got {budget}")
-
-
-def _signature_and_work_model(source: str | Path, config: Config) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The model as given (the user's signature, dynamic dims kept) and the work copy with
-    dims pinned from the config."""
-    skeleton = load_model(source, config.replace(inputs={}), infer=False)
-    return skeleton, pinned_copy(skeleton, config, str(source))
 
 
 def pinned_copy(skeleton: onnx.ModelProto, config: Config, name: str) -> onnx.ModelProto:

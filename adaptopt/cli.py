@@ -35,6 +35,8 @@ def command(fn):
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, int(exc.exit_code))
         except KeyboardInterrupt as exc:
             _fail(signals.describe(exc), signals.exit_code(exc))
+        except BrokenPipeError:  # the reader of stdout left (`| head`): quiet, as other tools are
+            _stdout_gone()
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - the one place a bug becomes exit 1
@@ -43,6 +45,16 @@ def command(fn):
             _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                   "(run with --debug for the traceback)", int(ExitCode.INTERNAL_ERROR))
     return wrapper
+
+
+def _stdout_gone() -> None:
+    """Exit 141 (128 + SIGPIPE, what a shell reports for a tool killed by it) without a word:
+    stdout is pointed at /dev/null first, so flushing it at exit cannot raise again."""
+    import os
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(141)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -68,7 +80,11 @@ def config_options(fn):
 def check_outputs(*paths: tuple[str | None, str], folder: tuple[str | None, str] | None = None) -> None:
     """Refuse unwritable output paths (``(path, what)``; None and ``-`` are skipped) before
     any work: a run that measures for minutes must not fail at the end on a bad -o."""
+    from adaptopt.errors import InputError
     from adaptopt.graph.io import check_writable
+    for path, what in list(paths) + ([folder] if folder else []):
+        if path is not None and not path.strip():
+            raise InputError(f"{what}: empty path")
     for path, what in paths:
         if path and path != "-":
             check_writable(path, what)
@@ -87,6 +103,16 @@ def load_run_config(config_path: str | None, input_shapes: tuple[str, ...]):
     if warning:
         click.echo(f"adaptopt: warning: {warning}", err=True)
     return config
+
+
+def warn_if_cache_unusable(config) -> None:
+    """One line when the measurement cache cannot be used (a file, read-only): the run works
+    in memory, but a rerun measures again (the same-seed, same-bytes promise needs the cache)."""
+    from adaptopt.adapt.cache import unusable_reason
+    from adaptopt.profile.calibrate import resolve_cache_dir
+    reason = unusable_reason(resolve_cache_dir(config.policy.cache_dir))
+    if reason:
+        click.echo(f"adaptopt: warning: {reason}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,8 +162,8 @@ def merge(directory: str, output: str) -> None:
               help="Depth of the partition tree (default: the config's initial_granularity).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "md"]), default="table",
               show_default=True, help="Report format.")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Write the report to FILE instead of stdout.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the report to FILE instead of stdout (- is stdout).")
 @config_options
 @command
 def profile(model: str, granularity: int | None, fmt: str, output: str | None, config_path: str | None,
@@ -148,7 +174,7 @@ def profile(model: str, granularity: int | None, fmt: str, output: str | None, c
     check_outputs((output, "-o"))
     report = api.profile(model, load_run_config(config_path, input_shapes), granularity)
     text = render(report, fmt)
-    if output is None:
+    if output is None or output == "-":
         click.echo(text)
         return
     from pathlib import Path
@@ -226,14 +252,16 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
         write_report,
     )
     from adaptopt.errors import GateNotMet, InputError
-    output = output or ("-" if model == "-" else str(Path(model).with_suffix("")) + ".opt.onnx")
+    check_outputs((output, "-o"), (report_path, "--report"), (qtable, "--policy"),
+                  folder=(keep_subgraphs, "--keep-subgraphs"))
+    output = output if output is not None else ("-" if model == "-" else str(Path(model).with_suffix("")) + ".opt.onnx")
     if as_json and output == "-":
         raise InputError("--json prints the summary on stdout; give -o PATH for the model")
     config = load_run_config(config_path, input_shapes)
+    warn_if_cache_unusable(config)
     if report_path:
         report_format(report_path)
-    check_outputs((output, "-o"), (report_path, "--report"), (qtable, "--policy"),
-                  folder=(keep_subgraphs, "--keep-subgraphs"))
+    check_outputs((output, "-o"))  # the default path, next to the model
     passes = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
     result = api.optimize(model, config, passes=passes, accuracy_budget=accuracy_budget, seed=seed,
                           budget_s=budget_s, qtable=qtable, keep_subgraphs=keep_subgraphs,
@@ -273,6 +301,7 @@ def policy_train(models: tuple[str, ...], output: str, accuracy_budget: float, s
 
     from adaptopt import api
     config = load_run_config(config_path, input_shapes)
+    warn_if_cache_unusable(config)
     check_outputs((output, "-o"))
     rows = api.train_policy(list(models), output, config, accuracy_budget=accuracy_budget, seed=seed,
                             log=lambda m: click.echo(m, err=True))

@@ -27,7 +27,7 @@ class InputSpec:
 
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
-    values: str = "uniform01"
+    values: str | None = None  # None: not configured (uniform01, but the user never said so)
     value_range: tuple[float, float] | None = None  # integers lo <= v < hi, floats lo <= v < hi
 
 
@@ -366,8 +366,7 @@ def _parse_inputs(loc: _Located, node: yaml.Node) -> dict[str, InputSpec]:
             if k not in _INPUT_KEYS:
                 raise ConfigError(f"{loc.where(knode)}: unknown config key 'inputs.{name}.{k}' "
                                   f"(known: {', '.join(sorted(_INPUT_KEYS))})")
-        shape = dtype = value_range = None
-        values = "uniform01"
+        shape = dtype = value_range = values = None
         if "shape" in raw:
             shape = tuple(_scalar(loc, f"inputs.{name}.shape", raw["shape"][1], (
                 list, lambda v: all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v),
@@ -422,6 +421,8 @@ def parse_input_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[in
             raise ConfigError(f"--input-shape '{item}': dimensions must be integers separated by 'x'") from None
         if any(d < 0 for d in shape):
             raise ConfigError(f"--input-shape '{item}': dimensions must be >= 0")
+        if name in shapes and shapes[name] != shape:
+            raise ConfigError(f"--input-shape {name} given twice ({'x'.join(map(str, shapes[name]))} and {dims})")
         shapes[name] = shape
     return shapes
 

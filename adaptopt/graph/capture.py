@@ -6,6 +6,8 @@ there, never on random data in the middle of a network.
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -39,8 +41,41 @@ def make_inputs(model: onnx.ModelProto, config: Config, seed: int = 0) -> dict[s
                              f"inputs: or with --input-shape {vi.name}=" + "x".join(
                                  str(d) if isinstance(d, int) else "N" for d in _dims(vi)))
         dtype = np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
+        _check_size(vi.name, tuple(shape), dtype, sum(f.nbytes for f in feeds.values()))
         feeds[vi.name] = fill(rng, tuple(shape), dtype, spec)
     return feeds
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume the 24 GiB machine we test on
+        return 24 << 30
+
+
+def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype, so_far: int) -> None:
+    """Refuse generated inputs that would take over a quarter of the machine's memory (the
+    model's activations and every copy a run makes come on top), before allocating them:
+    ``--input-shape x=99999999999x4`` was a MemoryError (exit 1)."""
+    size = math.prod(shape) * dtype.itemsize
+    limit = _memory_bytes() // 4
+    if so_far + size > limit:
+        raise InputError(f"input '{name}' of shape {list(shape)} ({dtype}) would take {size / (1 << 30):.1f} GiB: "
+                         f"the inputs may take at most a quarter of this machine's memory ({limit / (1 << 30):.1f} GiB)")
+
+
+def unconfigured_float_inputs(model: onnx.ModelProto, config: Config) -> list[str]:
+    """Float inputs whose values nobody configured (no ``values:``, no ``inputs_file``): they
+    are filled uniform in [0, 1), which is what a lossy rewrite's accuracy is checked on."""
+    if config.inputs_file:
+        return []
+    names = []
+    for vi in model_inputs(model):
+        spec = config.inputs.get(vi.name, InputSpec())
+        dtype = np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
+        if spec.values is None and np.issubdtype(dtype, np.floating):
+            names.append(vi.name)
+    return names
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:

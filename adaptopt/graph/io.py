@@ -109,24 +109,31 @@ def _parse(source: str | Path, name: str | None, defer: bool) -> tuple[onnx.Mode
         raise InputError(f"{name}: a single ONNX file cannot hold 2 GiB or more (protobuf's limit); "
                          "store the weights as external data")
     deferred = None
+    head = b""  # the first bytes, to name a compressed or zipped model (_packed_reason)
     try:
         if path is not None:
-            model, deferred = _read_model_file(path, defer)
+            model, deferred, head = _read_model_file(path, defer)
         else:
+            head = data[:8]
+            if head.startswith(NOT_PROTOBUF):
+                raise _Packed()
             model = onnx.ModelProto()
             model.ParseFromString(data)
+    except _Packed as exc:
+        raise InputError(f"{name}: not a valid ONNX model ({_packed_reason(exc.head or head)})") from None
     except DecodeError as exc:
-        raise InputError(f"{name}: not a valid ONNX model ({_decode_reason(exc)})") from None
+        raise InputError(f"{name}: not a valid ONNX model ({_packed_reason(head) or _decode_reason(exc)})") from None
     except OSError as exc:
         raise InputError(f"{name}: cannot read: {exc.strerror}") from None
     if not model.graph.node and not model.graph.output:
-        raise InputError(f"{name}: not a valid ONNX model (no graph: empty or not a model file)")
+        raise InputError(f"{name}: not a valid ONNX model "
+                         f"({_packed_reason(head) or 'no graph: empty or not a model file'})")
     check_nesting(model, name)
     check_names_are_text(model, name)
     return model, path, deferred
 
 
-def _read_model_file(path: Path, defer: bool = False) -> tuple[onnx.ModelProto, _Deferred | None]:
+def _read_model_file(path: Path, defer: bool = False) -> tuple[onnx.ModelProto, _Deferred | None, bytes]:
     """Parse a model file; one larger than :data:`BLOCK_BYTES` is read a block at a time.
 
     Protobuf parses concatenated messages as one merged message, so merging the file's
@@ -135,22 +142,33 @@ def _read_model_file(path: Path, defer: bool = False) -> tuple[onnx.ModelProto, 
     parsing the whole file gives, without the file's bytes in memory beside the model.
     A layout the block reader does not follow (groups, malformed fields) is parsed whole,
     so protobuf itself accepts or refuses it. With ``defer``, large raw weights are left
-    in the file until :meth:`_Deferred.fill` (None when there are none).
+    in the file until :meth:`_Deferred.fill` (None when there are none). Also returns the
+    file's first bytes; a file that starts as no model can (gzip, zip) raises :class:`_Packed`
+    before it is parsed, another compressed file (bzip2, xz, zstd) when protobuf refuses it.
     """
     model = onnx.ModelProto()
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        if st.st_size > BLOCK_BYTES:
-            deferred = _Deferred(path, st) if defer else None
-            try:
-                for part in _model_parts(_BlockReader(fh, st.st_size), deferred):
-                    model.MergeFromString(part)
-                return model, deferred if deferred is not None and deferred.entries else None
-            except ValueError:
-                fh.seek(0)
-                model = onnx.ModelProto()
-        model.ParseFromString(fh.read())
-    return model, None
+        head = fh.read(8)
+        if head.startswith(NOT_PROTOBUF):
+            raise _Packed(head)
+        fh.seek(0)
+        try:
+            if st.st_size > BLOCK_BYTES:
+                deferred = _Deferred(path, st) if defer else None
+                try:
+                    for part in _model_parts(_BlockReader(fh, st.st_size), deferred):
+                        model.MergeFromString(part)
+                    return model, deferred if deferred is not None and deferred.entries else None, head
+                except ValueError:
+                    fh.seek(0)
+                    model = onnx.ModelProto()
+            model.ParseFromString(fh.read())
+        except DecodeError:
+            if _packed_reason(head):  # bzip2, xz, zstd: named once protobuf refuses them
+                raise _Packed(head) from None
+            raise
+    return model, None, head
 
 
 class _Deferred:
@@ -305,6 +323,32 @@ def _model_parts(reader: _BlockReader, deferred: _Deferred | None) -> Iterator[b
             pieces.append(reader.buf[reader.anchor:reader.pos])
             yield length_field(7, b"".join(pieces))
     reader.anchor = reader.pos
+
+
+# leading bytes of packed files a model is often shipped in -> what to say; gzip's and zip's
+# can start no protobuf message (field 3 of wire type 7; a field number 0 after "PK"), so a
+# file starting with them is refused before it is parsed
+PACKED_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed: decompress it first, e.g. with gunzip",
+    b"PK\x03\x04": "a zip archive: extract the .onnx file from it first",
+    b"BZh": "bzip2-compressed: decompress it first, e.g. with bunzip2",
+    b"\xfd7zXZ\x00": "xz-compressed: decompress it first, e.g. with unxz",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed: decompress it first, e.g. with unzstd",
+}
+NOT_PROTOBUF = (b"\x1f\x8b", b"PK\x03\x04")
+
+
+class _Packed(Exception):
+    """A model file (or stdin) that is a compressed file or an archive (:data:`PACKED_MAGIC`)."""
+
+    def __init__(self, head: bytes = b"") -> None:
+        super().__init__()
+        self.head = head
+
+
+def _packed_reason(head: bytes) -> str | None:
+    """What a file starting with ``head`` is when it is a known compressed or archive format."""
+    return next((reason for magic, reason in PACKED_MAGIC.items() if head.startswith(magic)), None)
 
 
 def _decode_reason(exc: DecodeError) -> str:
@@ -513,6 +557,7 @@ def pin_input_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputSpec], na
     """Set dynamic dims of graph inputs from the config; refuse conflicts with fixed dims."""
     graph_inputs = {i.name: i for i in model.graph.input}
     init_names = {i.name for i in model.graph.initializer}
+    named_dims: dict[str, tuple[str, int]] = {}  # dim_param -> (first input giving it, its size)
     for input_name, spec in inputs.items():
         if input_name not in graph_inputs or input_name in init_names:
             known = ", ".join(i for i in graph_inputs if i not in init_names)
@@ -530,6 +575,13 @@ def pin_input_shapes(model: onnx.ModelProto, inputs: Mapping[str, InputSpec], na
             if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != want:
                 raise InputError(f"{name}: input '{input_name}' dim {i} is fixed at {dim.dim_value}, "
                                  f"config asks {want}")
+            # one name, one size across the inputs ("?" is an exporter's "unknown", not a name;
+            # within one input a repeated name is left to ONNX Runtime)
+            if dim.HasField("dim_param") and dim.dim_param not in ("", "?"):
+                first, size = named_dims.setdefault(dim.dim_param, (input_name, want))
+                if size != want and first != input_name:
+                    raise InputError(f"{name}: dim '{dim.dim_param}' is {size} in input '{first}' but {want} in "
+                                     f"input '{input_name}' (inputs sharing a dim name must agree)")
             dim.Clear()
             dim.dim_value = want
     # Stale symbolic shapes would conflict with the pinned ones: infer them again.

@@ -254,10 +254,26 @@ def finish(original: onnx.ModelProto, model: onnx.ModelProto, pass_name: str) ->
     for domain in {n.domain for n in model.graph.node} - {"", "ai.onnx"}:
         ensure_domain(model, domain)
     _stamp_new_nodes(original, model, pass_name)
+    _keep_model_identity(original, model)
     _sort_nodes(model)
     _refresh_value_info(model)
     _check(model, pass_name)
     return model
+
+
+IDENTITY_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def _keep_model_identity(original: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """The model's producer, version and docs stay the user's (ORT's quantizer signed its
+    output "onnx.quantize" 0.1.0), and so do its metadata entries; what a pass sets there
+    (a session option, a quantizer's marker) is kept."""
+    for name in IDENTITY_FIELDS:
+        setattr(model, name, getattr(original, name))
+    present = {p.key for p in model.metadata_props}
+    for prop in original.metadata_props:
+        if prop.key not in present:
+            model.metadata_props.add(key=prop.key, value=prop.value)
 
 
 def _check_boundary(original: onnx.ModelProto, model: onnx.ModelProto, pass_name: str) -> None:
