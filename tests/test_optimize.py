@@ -638,3 +638,32 @@ def test_a_slower_model_kept_by_allow_slower_is_not_called_a_verified_speedup(tm
     message = result.report["result"]["message"]
     assert result.improved and message.startswith("kept as --allow-slower asks, not verified faster: 0.769x")
     assert "verified speedup" not in message
+
+
+def test_the_pre_pass_times_a_small_gain_apart_only_within_its_own_time(monkeypatch):
+    """A 1.004x pre-pass on a 5-node model was timed apart in 24 pairs (54 s of a 60 s budget)
+    and no leaf was searched: its later batches of pairs now stop at the pre-pass deadline."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    import adaptopt.adapt.prepass as prepass_module
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.verify import SideBySide
+    from adaptopt.budget import Deadline
+    from adaptopt.passes.registry import all_passes
+    nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Relu", ["i"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    seen = {}
+
+    def fake_side(*_args, more_until=None, **_kwargs):
+        seen["more_until"] = more_until
+        return SideBySide(1.0, 1.0, 1.0, 5)
+
+    monkeypatch.setattr(prepass_module, "cached_side_by_side", fake_side)
+    monkeypatch.setattr(prepass_module, "_step_verdict", lambda *args: "")
+    feeds = {"x": np.ones((2, 8), np.float32)}
+    deadline = Deadline(100.0)
+    pre = prepass_module.prepass(model, model, all_passes(), Config(), feeds, {"y": np.ones((2, 8), np.float32)},
+                                 MeasurementCache(None, "test"), deadline)
+    assert pre.applied and seen["more_until"] is deadline
