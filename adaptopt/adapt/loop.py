@@ -114,7 +114,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     clock.stage("pre-pass")
     cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
-                  prepass_deadline)
+                  prepass_deadline, settle_until=deadline)
     say(f"whole-model exact passes: {pre.reason}")
     work = with_signature(pre.model, skeleton)
     base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None

@@ -75,7 +75,7 @@ def classify(cost: ModelCost, median_ms: float, machine: MachineProfile, kernels
     if cost.flops == 0 and cost.bytes == 0 and cost.unknown_nodes:
         bound = "unknown"
     elif overhead_ms >= roofline_ms:  # a partial cost (a body not fully costed) is a lower bound only
-        bound = "unknown" if cost.is_partial else "overhead"
+        bound = "unknown" if cost.partial_nodes else "overhead"
     elif compute_ms >= memory_ms:
         bound = "compute"
     else:
