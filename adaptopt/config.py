@@ -261,12 +261,29 @@ def parse_config(text: str, source: str = "<config>", *, base_dir: str | Path | 
             changes["inputs_file"] = _relative_to(base_dir, _scalar(loc, "inputs_file", value_node, _OPT_STR))
         else:
             changes[key] = _parse_section(loc, key, value_node)
+            if key == "passes":
+                _check_pass_names(loc, value_node)
     config = Config(**changes)
     if "policy" in changes:  # the other paths a config names, read the same way as inputs_file
         config = config.with_section("policy", qtable=_relative_to(base_dir, config.policy.qtable),
                                      cache_dir=_relative_to(base_dir, config.policy.cache_dir))
     _check_consistency(config, source)
     return config
+
+
+def _check_pass_names(loc: _Located, node: yaml.Node) -> None:
+    """Every name under ``passes.enabled``/``disabled`` is a pass of the library, refused at its
+    line (it was checked only when ``optimize`` selected its passes: ``profile`` and ``split``
+    took a typo silently, and the error named no line)."""
+    from adaptopt.passes.registry import pass_names
+    known = set(pass_names())
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        for item in value_node.value if isinstance(value_node, yaml.SequenceNode) else ():
+            if isinstance(item, yaml.ScalarNode) and item.value not in known:
+                raise ConfigError(f"{loc.where(item)}: passes.{key_node.value}: unknown pass '{item.value}' "
+                                  "(see 'adaptopt passes')")
 
 
 def _relative_to(base_dir: str | Path | None, path: str | None) -> str | None:

@@ -250,3 +250,11 @@ def test_the_command_line_tunes_glibc_to_return_freed_model_copies():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not a glibc system")
     assert return_freed_memory_promptly() is True
+
+
+def test_an_unknown_pass_name_in_a_config_is_refused_at_its_line(tmp_path):
+    """Checked only when optimize selected its passes: profile and split took a typo silently."""
+    config = tmp_path / "c.yaml"
+    config.write_text("passes:\n  disabled:\n    - fuse_gelu\n    - fuse_gleu\n")
+    line = one_line_error(["profile", str(write_valid(tmp_path)), "--config", str(config)])
+    assert f"{config}:4: passes.disabled: unknown pass 'fuse_gleu'" in line
