@@ -18,16 +18,7 @@ from adaptopt import api
 from adaptopt.config import Config, InputSpec
 from adaptopt.errors import InputError
 from tests.make_bad_models import write_valid
-
-
-def adaptopt(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptopt", *args], capture_output=True, input=stdin, check=False)
-
-
-def one_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    lines = done.stderr.decode().strip().splitlines()
-    assert done.returncode == code and len(lines) == 1, (done.returncode, done.stderr)
-    return lines[0]
+from tests.test_cli_gaps import one_line_error
 
 
 def shared_dim_model(path: Path) -> Path:
@@ -71,7 +62,7 @@ def test_an_empty_path_is_refused_not_ignored(tmp_path, option):
     """`-o ""` wrote MODEL.opt.onnx and `--report ""` wrote no report, both silently."""
     model = write_valid(tmp_path)
     args = ["optimize", str(model), option, ""] + ([] if option == "-o" else ["-o", str(tmp_path / "o.onnx")])
-    assert "empty path" in one_line(adaptopt(*args))
+    assert "empty path" in one_line_error(args)
     assert not (tmp_path / "model.opt.onnx").exists() and not (tmp_path / "o.onnx").exists()
 
 
@@ -79,23 +70,23 @@ def test_inputs_sharing_a_dim_name_must_agree(tmp_path):
     """It was ORT's 'Node () Op (Add) Incompatible dimensions' (and split wrote the folder)."""
     model = shared_dim_model(tmp_path / "dyn.onnx")
     for command in (["split", str(model), "-o", str(tmp_path / "s")], ["profile", str(model)]):
-        line = one_line(adaptopt(*command, "--input-shape", "A=2x4", "--input-shape", "B=3x4"))
+        line = one_line_error([*command, "--input-shape", "A=2x4", "--input-shape", "B=3x4"])
         assert "dim 'N' is 2 in input 'A' but 3 in input 'B'" in line
     assert not (tmp_path / "s").exists()
 
 
 def test_an_input_shape_given_twice_is_refused(tmp_path):
     model = shared_dim_model(tmp_path / "dyn.onnx")
-    line = one_line(adaptopt("profile", str(model), "--input-shape", "A=2x4", "--input-shape", "A=3x4",
-                             "--input-shape", "B=2x4"))
+    line = one_line_error(["profile", str(model), "--input-shape", "A=2x4", "--input-shape", "A=3x4",
+                           "--input-shape", "B=2x4"])
     assert "--input-shape A given twice" in line
 
 
 def test_inputs_too_big_for_the_machine_are_refused_before_allocating(tmp_path):
     """`--input-shape A=99999999999x4` was 'internal error: MemoryError' (exit 1)."""
     model = shared_dim_model(tmp_path / "dyn.onnx")
-    line = one_line(adaptopt("profile", str(model), "--input-shape", "A=99999999999x4",
-                             "--input-shape", "B=99999999999x4"))
+    line = one_line_error(["profile", str(model), "--input-shape", "A=99999999999x4",
+                           "--input-shape", "B=99999999999x4"])
     assert "input 'A' of shape [99999999999, 4]" in line and "quarter of this machine's memory" in line
 
 

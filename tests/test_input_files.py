@@ -7,8 +7,10 @@ why when its folder cannot be used. A compressed or zipped model is named as suc
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -249,10 +251,13 @@ def test_a_usable_new_cache_folder_is_created_on_first_write(tmp_path):
 
 
 # ---------------------------------------------------------------- packed models
-def _gzip(model: Path, folder: Path) -> Path:
-    path = folder / "model.onnx.gz"
-    path.write_bytes(gzip.compress(model.read_bytes()))
-    return path
+def _compressed(compress, suffix: str):
+    """A packer writing ``model`` compressed by ``compress`` (gzip, bz2, lzma) as model.onnx.SUFFIX."""
+    def pack(model: Path, folder: Path) -> Path:
+        path = folder / f"model.onnx.{suffix}"
+        path.write_bytes(compress(model.read_bytes()))
+        return path
+    return pack
 
 
 def _zip(model: Path, folder: Path) -> Path:
@@ -262,24 +267,10 @@ def _zip(model: Path, folder: Path) -> Path:
     return path
 
 
-def _bz2(model: Path, folder: Path) -> Path:
-    import bz2
-    path = folder / "model.onnx.bz2"
-    path.write_bytes(bz2.compress(model.read_bytes()))
-    return path
-
-
-def _xz(model: Path, folder: Path) -> Path:
-    import lzma
-    path = folder / "model.onnx.xz"
-    path.write_bytes(lzma.compress(model.read_bytes()))
-    return path
-
-
-PACKED = {"gzip": (_gzip, "gzip-compressed: decompress it first"),
+PACKED = {"gzip": (_compressed(gzip.compress, "gz"), "gzip-compressed: decompress it first"),
           "zip": (_zip, "a zip archive: extract the .onnx file from it first"),
-          "bzip2": (_bz2, "bzip2-compressed: decompress it first"),
-          "xz": (_xz, "xz-compressed: decompress it first")}
+          "bzip2": (_compressed(bz2.compress, "bz2"), "bzip2-compressed: decompress it first"),
+          "xz": (_compressed(lzma.compress, "xz"), "xz-compressed: decompress it first")}
 
 
 @pytest.mark.parametrize("command", ["split", "optimize"])

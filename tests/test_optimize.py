@@ -533,7 +533,8 @@ def test_rewritten_leaves_held_in_memory_stay_within_a_byte_budget(resnet_model,
 
 def test_rewritten_leaves_of_a_run_share_one_byte_budget(resnet_model, fast_config):
     """The leaves of a run share one byte budget: a new rewrite of one leaf drops the least
-    recently used rewrite of another (per leaf, eight leaves of a 211 MB encoder held 1.5 GB)."""
+    recently used rewrite of another (capped per leaf, eight leaves of a 211 MB encoder could
+    hold 1.7 GB)."""
     from adaptopt.adapt.cache import MeasurementCache
     from adaptopt.adapt.environment import model_digest
     from adaptopt.adapt.loop import prepare_run

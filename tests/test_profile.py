@@ -279,7 +279,7 @@ def test_scalar_inputs_keep_their_rank():
 
 def test_sessions_hold_no_copy_of_the_model_bytes_and_do_not_fall_back(resnet):
     """ORT's Python session keeps the model's bytes for its provider fallback (a model-sized
-    copy per session, 2.4x the model instead of 1.2x on a 211 MB encoder); providers are
+    copy per session: 2.1x the model instead of 1.1x on a 211 MB encoder); providers are
     chosen before any session here, so the fallback is off and the copy is let go."""
     session = make_session(resnet, TargetConfig())
     assert not [v for v in vars(session).values() if isinstance(v, bytes)]

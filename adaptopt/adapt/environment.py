@@ -68,10 +68,11 @@ class Step:
 class ModelMemory:
     """The rewritten subgraph models kept in memory, across every environment sharing it.
 
-    Each rewritten model holds a copy of its leaf's weights. Capped per leaf, the eight
-    leaves of a 211 MB encoder kept up to 1.5 GB between them while the search visited them
-    in turn; one byte budget for all of them (a run shares one) drops the least recently
-    used first, and always keeps the newest. A dropped model is rebuilt by replaying its
+    Each rewritten model holds a copy of its leaf's weights. Capped per leaf (eight models),
+    the eight leaves of a 211 MB encoder (about 26 MB each) could hold 1.7 GB between them
+    while the search visited them in turn; one byte budget for all of them (a run shares
+    one) drops the least recently used first, and always keeps the newest. With it and
+    sessions that drop their model bytes, that encoder's run peaked at 4.0 GB, not 5.4 GB. A dropped model is rebuilt by replaying its
     passes, which are deterministic.
     """
 

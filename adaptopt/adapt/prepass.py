@@ -149,8 +149,8 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     signed = pre.cleaned = with_signature(current, skeleton)
     # a small gain's second and third batches of timing apart only within the search's time
     # (``settle_until``), not the whole budget's: on a 5-node model a 1.004x pre-pass took 24
-    # pairs (54 s of a 60 s budget) and no leaf was searched; within the pre-pass's own
-    # time alone, convnext's 1.03x pre-pass got one batch of 8 pairs and was not confirmed
+    # pairs (54 s of a 60 s budget) and no leaf was searched; the pre-pass's own time alone
+    # would leave a slow model's small gain a single batch
     pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=settle_until or deadline,
                                    max_seconds=verify_seconds(deadline))
     if not pre.side.significant():

@@ -40,10 +40,15 @@ def make_inputs(model: onnx.ModelProto, config: Config, seed: int = 0) -> dict[s
             raise InputError(f"input '{vi.name}' has dynamic dims {dims}: give its shape in the config's "
                              f"inputs: or with --input-shape {vi.name}=" + "x".join(
                                  str(d) if isinstance(d, int) else "N" for d in _dims(vi)))
-        dtype = np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
+        dtype = _input_dtype(vi, spec)
         _check_size(vi.name, tuple(shape), dtype, sum(f.nbytes for f in feeds.values()))
         feeds[vi.name] = fill(rng, tuple(shape), dtype, spec)
     return feeds
+
+
+def _input_dtype(vi: onnx.ValueInfoProto, spec: InputSpec) -> np.dtype:
+    """The dtype an input is generated with: the config's, else the model's."""
+    return np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
 
 
 def _memory_bytes() -> int:
@@ -72,7 +77,7 @@ def unconfigured_float_inputs(model: onnx.ModelProto, config: Config) -> list[st
     names = []
     for vi in model_inputs(model):
         spec = config.inputs.get(vi.name, InputSpec())
-        dtype = np.dtype(spec.dtype) if spec.dtype else _np_dtype(vi)
+        dtype = _input_dtype(vi, spec)
         if spec.values is None and np.issubdtype(dtype, np.floating):
             names.append(vi.name)
     return names

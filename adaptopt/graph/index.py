@@ -93,13 +93,22 @@ def raise_to_ir_4(model: onnx.ModelProto) -> bool:
 
 def subgraph_outer_inputs(node: onnx.NodeProto) -> list[str]:
     """Tensors that the bodies of a control-flow node read from the enclosing scope."""
-    outer: list[str] = []
     if not node.attribute:  # most nodes: nothing to walk
-        return outer
+        return []
     stack = [attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
     stack += [g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPHS for g in attr.graphs]
+    return _outer_inputs(stack)
+
+
+def graph_outer_inputs(graph: onnx.GraphProto) -> list[str]:
+    """Tensors that ``graph`` (a body), or a body nested in it, reads from the enclosing scope."""
+    return _outer_inputs([graph])
+
+
+def _outer_inputs(graphs: list[onnx.GraphProto]) -> list[str]:
+    outer: list[str] = []
     # Iterative walk with explicit scopes: (graph, names defined in enclosing bodies).
-    work = [(g, frozenset()) for g in stack]
+    work = [(g, frozenset()) for g in graphs]
     seen: set[str] = set()
     while work:
         graph, defined_above = work.pop()

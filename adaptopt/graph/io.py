@@ -116,11 +116,11 @@ def _parse(source: str | Path, name: str | None, defer: bool) -> tuple[onnx.Mode
         else:
             head = data[:8]
             if head.startswith(NOT_PROTOBUF):
-                raise _Packed()
+                raise _Packed(head)
             model = onnx.ModelProto()
             model.ParseFromString(data)
     except _Packed as exc:
-        raise InputError(f"{name}: not a valid ONNX model ({_packed_reason(exc.head or head)})") from None
+        raise InputError(f"{name}: not a valid ONNX model ({_packed_reason(exc.head)})") from None
     except DecodeError as exc:
         raise InputError(f"{name}: not a valid ONNX model ({_packed_reason(head) or _decode_reason(exc)})") from None
     except OSError as exc:
@@ -341,7 +341,7 @@ NOT_PROTOBUF = (b"\x1f\x8b", b"PK\x03\x04")
 class _Packed(Exception):
     """A model file (or stdin) that is a compressed file or an archive (:data:`PACKED_MAGIC`)."""
 
-    def __init__(self, head: bytes = b"") -> None:
+    def __init__(self, head: bytes) -> None:
         super().__init__()
         self.head = head
 

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from adaptopt.graph.checks import MAX_GRAPH_DEPTH
+from adaptopt.graph.index import graph_outer_inputs
 from adaptopt.profile.cost_contrib import CONTRIB, gelu
 from adaptopt.profile.cost_ops import STANDARD, NodeView, Rule, UnknownShape
 
@@ -31,7 +33,6 @@ _STANDARD = {**STANDARD, "Gelu": gelu}
 _PACKED_HALF_BYTE = {TensorProto.INT4, TensorProto.UINT4} | (
     {TensorProto.FLOAT4E2M1} if hasattr(TensorProto, "FLOAT4E2M1") else set())
 _SMALL = 64  # integer / bool tensors up to this many elements keep their values (trip counts, conditions, shapes)
-_MAX_DEPTH = 16  # bodies nested deeper than this (or a local function calling itself) are not costed
 _MAX_BODIES = 2000  # bodies costed per estimate at most (each runs shape inference; calls nest exponentially)
 
 
@@ -310,9 +311,9 @@ def _cost(node: onnx.NodeProto, scope: _Scope, ctx: _Context) -> NodeCost:
         fn = None  # a standard op keeps its formula
     if with_body is None and fn is None:
         return node_cost(node, scope.dims, scope.sizes)
-    if ctx.depth >= _MAX_DEPTH:
+    if ctx.depth >= MAX_GRAPH_DEPTH:  # (a local function calling itself, too)
         return NodeCost(_name(node), node.op_type, 0.0, 0.0, False,
-                        f"bodies nested more than {_MAX_DEPTH} deep are not costed")
+                        f"bodies nested more than {MAX_GRAPH_DEPTH} deep are not costed")
     if ctx.bodies[0] >= _MAX_BODIES:
         return NodeCost(_name(node), node.op_type, 0.0, 0.0, False,
                         f"more than {_MAX_BODIES} bodies in the model: the rest are not costed")
@@ -320,26 +321,6 @@ def _cost(node: onnx.NodeProto, scope: _Scope, ctx: _Context) -> NodeCost:
         return with_body(node, scope, ctx.deeper()) if with_body is not None else _call(node, fn, scope, ctx)
     except (IndexError, ValueError, TypeError) as exc:  # attributes or bodies that do not fit the op
         return NodeCost(_name(node), node.op_type, 0.0, 0.0, False, f"cannot cost {node.op_type}: {exc}")
-
-
-def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-
-
-def _free_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensors ``graph`` (or a graph nested in it) reads from its enclosing scope."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    defined |= {i.values.name for i in graph.sparse_initializer}
-    defined |= {o for n in graph.node for o in n.output if o}
-    free: set[str] = set()
-    for node in graph.node:
-        free.update(i for i in node.input if i and i not in defined)
-        for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                free.update(_free_names(sub) - defined)
-    return free
 
 
 def _elem_type(vi: onnx.ValueInfoProto) -> int:
@@ -354,7 +335,7 @@ def _body_cost(body: onnx.GraphProto, given: Given, outer: _Scope, ctx: _Context
     ``given``, the tensors it reads from outside those ``outer`` knows; the shapes of the
     rest come from ONNX shape inference run on it (the body's own value infos when that fails)."""
     ctx.bodies[0] += 1
-    free = _free_names(body)
+    free = set(graph_outer_inputs(body))
     graph = helper.make_graph([], body.name or "body", [], [])
     graph.node.extend(body.node)
     for vi in body.input:
