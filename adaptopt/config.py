@@ -62,7 +62,9 @@ class ProfilingConfig:
     # this many pairs of fresh processes, each model alone, and kept only when they hold there
     # (0: no timing apart; small gains are then not kept)
     apart_pairs: int = 8
-    apart_seconds: float = 0.5  # each process times its model this long (and at least 5 runs)
+    # each process times its model this long a pair, in slices of 0.1 s taking turns with the
+    # other's (each slice warmed 0.1 s first, at least 3 runs timed; verify.apart)
+    apart_seconds: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ _RULES: dict[str, dict[str, tuple]] = {
         "isolate": _BOOL,
         "timeout_s": _POS_FLOAT,
         "apart_pairs": (int, lambda v: v == 0 or 5 <= v <= 100, "0 or an integer in [5, 100]"),
-        # a process times 1.5x this (warm-up included); 3 pairs must fit in verify.APART_MAX_S
+        # a process runs 2x this (each slice's warm-up included); 3 pairs fit in verify.APART_MAX_S
         "apart_seconds": (float, lambda v: 0 <= v <= 10 and math.isfinite(v), "a number in [0, 10]"),
     },
     "policy": {

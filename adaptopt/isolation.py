@@ -100,6 +100,14 @@ class Worker:
         self._process, self._conn = process, parent_end
         self.starts += 1
 
+    def start(self) -> "Worker":
+        """Start the process now rather than on the first call (workers started together
+        boot side by side); a no-op while it runs."""
+        if not self.alive():
+            self._kill()
+            self._start()
+        return self
+
     def close(self) -> None:
         """Stop the worker (politely, then by force); the next call would start a new one."""
         if self._process is None:
@@ -135,9 +143,7 @@ class Worker:
         if limit is not None and limit <= 0:
             raise WorkerFailure("timeout", f"{label} not run: the time budget is spent")
         payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        if not self.alive():
-            self._kill()
-            self._start()
+        self.start()
         try:
             self._conn.send_bytes(payload)
             if not self._conn.poll(limit):

@@ -10,7 +10,7 @@ import pytest
 
 from adaptopt.adapt import assemble, verify
 from adaptopt.adapt.cache import MeasurementCache
-from adaptopt.adapt.verify import SideBySide, apart, time_alone
+from adaptopt.adapt.verify import SideBySide, apart, apart_slices, load_alone, time_slice
 from adaptopt.config import Config, ProfilingConfig, parse_config
 from adaptopt.errors import InputError
 from adaptopt.examples import build_resnet
@@ -73,13 +73,53 @@ def test_zero_pairs_turns_timing_apart_off(monkeypatch):
     assert not side.significant()
 
 
-def test_pairs_apart_run_each_model_in_its_own_process():
+def test_pairs_apart_run_each_model_in_its_own_process(monkeypatch):
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     config = Config()
     feeds = make_inputs(model, config)
-    assert time_alone(model, feeds, config.target, seconds=0.01) > 0.0
+    monkeypatch.setattr(verify, "_ALONE", {})
+    load_alone(model, feeds, config.target)
+    assert time_slice(0.01, warm_seconds=0.0) > 0.0
     ratios = apart(model, model, feeds, config.target, pairs=5, seconds=0.01)
     assert len(ratios) == 5 and all(math.isfinite(r) for r in ratios)
+
+
+@pytest.mark.parametrize("seconds, slices", [(0.0, 4), (0.01, 4), (0.5, 6), (0.6, 6), (0.61, 8), (2.0, 20)])
+def test_a_pair_alternates_an_even_number_of_slices(seconds, slices):
+    """Each model leads as often as the other, and a pair has at least 4 slices."""
+    assert apart_slices(seconds) == slices
+
+
+def test_the_pair_never_runs_both_models_at_once(monkeypatch):
+    """The two processes take turns, the order alternating slice by slice and pair by pair;
+    a pair's ratio is the median of its slices' ratios (one disturbed slice does not move it)."""
+    calls = []
+    times = iter([10.0, 9.0, 9.0, 10.0, 10.0, 9.0, 9.0, 50.0] + [10.0, 10.0] * 4)
+
+    class FakeWorker:
+        def __init__(self, name, **_):
+            self.name = name.split()[-1]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def start(self):
+            return self
+
+        def call(self, fn, *args, **kwargs):
+            calls.append((self.name, fn.__name__))
+            return next(times) if fn is time_slice else None
+
+    import adaptopt.isolation
+    monkeypatch.setattr(adaptopt.isolation, "Worker", FakeWorker)
+    ratios = apart(None, None, {}, Config().target, pairs=2, seconds=0.4)
+    timed = [name for name, fn in calls if fn == "time_slice"]
+    assert timed == ["original", "candidate", "candidate", "original"] * 2 + \
+        ["candidate", "original", "original", "candidate"] * 2
+    assert ratios[0] == pytest.approx(math.log(10 / 9)) and ratios[1] == pytest.approx(0.0)
 
 
 def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch):
@@ -125,7 +165,7 @@ def test_timings_are_cached_per_input_shape_and_apart_setting():
     cache = MeasurementCache(None, "fp")
     for seconds in (0.05, 2.0):
         config = Config(profiling=ProfilingConfig(apart_pairs=5, apart_seconds=seconds))
-        key = cache.key(assemble.pair_key(model, model, one), (), kind=f"apart5x{seconds:g}s")
+        key = cache.key(assemble.pair_key(model, model, one), (), kind=assemble.apart_kind(config.profiling))
         cache.put(key, pairs=[math.log(1.2)] * 5)
         assert assemble.timed_apart(cache, config, model, model, one) == pytest.approx((math.log(1.2),) * 5)
 

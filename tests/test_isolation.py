@@ -186,3 +186,13 @@ def test_sigterm_while_waiting_kills_the_worker():
     assert proc.returncode == 143 and "terminated by SIGTERM" in out
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # no orphan left spinning
+
+
+def test_start_boots_the_process_before_the_first_call():
+    with Worker(name="early") as a, Worker(name="early") as b:
+        assert a.pid is None
+        a.start(), b.start()
+        assert a.alive() and b.alive() and a.pid != b.pid
+        first = a.pid
+        assert a.start() is a and a.pid == first  # running: not started again
+        assert a.call(pid) == first and a.starts == 1

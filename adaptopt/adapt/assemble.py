@@ -436,8 +436,7 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
-    key = cache.key(pair_key(original, candidate, feeds), (),
-                    kind=f"apart{profiling.apart_pairs}x{profiling.apart_seconds:g}s") if cache is not None else None
+    key = cache.key(pair_key(original, candidate, feeds), (), kind=apart_kind(profiling)) if cache is not None else None
     entry = cache.get(key, pairs=list) if key else None
     if entry is not None:
         return tuple(entry["pairs"])
@@ -458,6 +457,13 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
     if key and not cut:
         cache.put(key, pairs=list(pairs))
     return pairs
+
+
+def apart_kind(profiling) -> str:
+    """The cache kind of pairs timed apart: their number, their seconds and the method
+    ("turns": the two processes take turns in slices; pairs timed one process after the
+    other were 5-6x noisier and are not read back as these)."""
+    return f"apart{profiling.apart_pairs}x{profiling.apart_seconds:g}s-turns"
 
 
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,

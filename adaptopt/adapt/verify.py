@@ -5,7 +5,7 @@ Speed: original, a second session of the original (A/A: the noise band) and the
 candidate, interleaved round-robin in one process on one shared thread pool; the
 medians give the speedup, and a gain counts only when it exceeds the A/A noise and
 ``MIN_MODEL_GAIN``. A smaller gain, or one inside the noise, counts only when it holds
-with each model timed alone in a fresh process of its own, as a user runs it
+with each model alone in a fresh process of its own, as a user runs it
 (:func:`apart`): interleaved sessions in one process share caches and a thread pool,
 which moved some gains by 2-5%.
 """
@@ -31,14 +31,16 @@ from adaptopt.runtime import make_session
 # and in make bench's run.
 MIN_MODEL_GAIN = 0.03
 # A gain under MIN_MODEL_GAIN (or inside the A/A noise) is timed again apart:
-# pairs of fresh processes, each timing one model alone, the order alternating. It counts
+# pairs of fresh processes, one model alone in each, taking turns in short slices. It counts
 # when the median pair shows more than MIN_APART_GAIN and a one-sided t-test over the
 # pairs' log ratios passes. A batch that does not pass while its median still gains more
 # than MIN_APART_GAIN is followed by another, up to APART_LOOKS batches, each look tested
 # at APART_P / APART_LOOKS (Bonferroni: the looks together keep APART_P). On a loaded
 # machine (load 3 on 2 cores) llama's pre-pass, 1.04-1.10x interleaved, gave pairs of
 # 1.00-1.18x: one batch of 8 passed in one run and failed in the other. convnext's exact
-# passes: 1.03-1.05x interleaved, 0.98-1.04x (median 1.02-1.025x) in 8 pairs apart.
+# passes: 1.03-1.05x interleaved, 0.98-1.04x (median 1.02-1.025x) in 8 pairs apart. Those
+# pairs timed one process after the other; taking turns in slices (APART_SLICE_S) they
+# spread 0.98-1.06x (sd 0.023-0.025 over 8 pairs, down from 0.12-0.14).
 MIN_APART_GAIN = 0.01
 APART_P = 0.05
 APART_LOOKS = 3
@@ -206,48 +208,80 @@ def t_upper_tail(t: float, df: int) -> float:
     return max(0.0, 0.5 - area)
 
 
-def time_alone(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], target: TargetConfig,
-               seconds: float) -> float:
-    """Median latency (ms) of ``model``, the only session of this process (run in a fresh
-    worker by :func:`apart`): warmed up, then timed for ``seconds`` and at least 5 runs."""
+# Timing apart alternates the pair's two processes in short slices, so that the host's
+# drift (this VM's vCPUs are shared) hits both models alike: timed one after the other,
+# each alone for 0.5 s, pairs of convnext A/A ranged 0.82-1.38x (sd of the log ratio
+# 0.143); alternated every 0.1 s, 0.99-1.06x (sd 0.023). The first ~60 ms after a switch
+# ran up to 2x slow (convnext, 8.8 ms a run: 3-4 runs of 17-31 ms), so each slice is
+# warmed before it is timed.
+APART_SLICE_S = 0.1
+APART_SLICE_WARM_S = 0.1
+
+_ALONE: dict = {}  # the worker's session and inputs (:func:`load_alone`)
+
+
+def load_alone(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray], target: TargetConfig) -> None:
+    """Make ``model``'s session, the only one of this process (run in a fresh worker by :func:`apart`)."""
     session = make_session(model, target, level="all")
-    inputs = {i.name: feeds[i.name] for i in session.get_inputs()}
-    for phase_seconds, keep in ((seconds / 2, False), (seconds, True)):
+    _ALONE["session"], _ALONE["inputs"] = session, {i.name: feeds[i.name] for i in session.get_inputs()}
+
+
+def time_slice(seconds: float, warm_seconds: float = APART_SLICE_WARM_S) -> float:
+    """Median latency (ms) of the session :func:`load_alone` made: warmed up (at least 2 runs
+    and ``warm_seconds``), then timed for ``seconds`` and at least 3 runs."""
+    session, inputs = _ALONE["session"], _ALONE["inputs"]
+    for phase_seconds, least in ((warm_seconds, 2), (seconds, 3)):
         times: list[float] = []
         end = time.perf_counter() + phase_seconds
-        while len(times) < (5 if keep else 2) or time.perf_counter() < end:
+        while len(times) < least or time.perf_counter() < end:
             start = time.perf_counter()
             session.run(None, inputs)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
+def apart_slices(seconds: float) -> int:
+    """How many slices a pair alternates: ``seconds`` of timing per model, in slices of
+    ``APART_SLICE_S``; an even number (each model leads as often), at least 4."""
+    return max(4, 2 * math.ceil(seconds / (2 * APART_SLICE_S)))
+
+
 def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
           target: TargetConfig, pairs: int, seconds: float,
           max_seconds: float = APART_MAX_S) -> tuple[float, ...]:
-    """log(original / candidate) for each of ``pairs`` pairs of fresh processes, each timing
-    one model alone (:func:`time_alone`), the order alternating so drift hits both alike.
+    """log(original / candidate) for each of ``pairs`` pairs of fresh processes, one per
+    model, each model the only session of its process. The two processes take turns
+    (never both running) in :func:`apart_slices` slices of ``seconds`` / slices each, the
+    order alternating; a pair's ratio is the median of its slices' ratios.
 
     Stops early past ``max_seconds`` or when a process fails (the pairs so far are
     returned: too few of them do not confirm a gain)."""
     from adaptopt.graph.external import kept_files, trust_kept_files
     from adaptopt.isolation import Worker, WorkerFailure
-    models = {"original": original, "candidate": candidate}
     trusted = kept_files()  # weights kept on disk reach the workers as the same checked files
+    slices = apart_slices(seconds)
+    slice_seconds = seconds / slices
+    timeout = max(30.0, 20 * (slice_seconds + APART_SLICE_WARM_S))
     deadline = time.perf_counter() + max_seconds
     ratios = []
     for k in range(pairs):
         if time.perf_counter() > deadline:
             break
-        ms = {}
         try:
-            for name in ("original", "candidate") if k % 2 == 0 else ("candidate", "original"):
-                with Worker(initializer=trust_kept_files, initargs=(trusted,), name=f"timing {name}") as worker:
-                    ms[name] = worker.call(time_alone, models[name], feeds, target, seconds,
-                                           timeout=max(30.0, 20 * seconds))
+            with Worker(initializer=trust_kept_files, initargs=(trusted,), name="timing original") as first, \
+                    Worker(initializer=trust_kept_files, initargs=(trusted,), name="timing candidate") as second:
+                workers = {"original": first.start(), "candidate": second.start()}
+                for name, model in (("original", original), ("candidate", candidate)):
+                    workers[name].call(load_alone, model, feeds, target, timeout=max(60.0, timeout))
+                slice_ratios = []
+                for j in range(slices):
+                    ms = {}
+                    for name in ("original", "candidate") if (j + k) % 2 == 0 else ("candidate", "original"):
+                        ms[name] = workers[name].call(time_slice, slice_seconds, timeout=timeout)
+                    slice_ratios.append(math.log(ms["original"] / ms["candidate"]))
         except WorkerFailure as failure:
-            if failure.kind == "error":  # time_alone raised: a defect, not a verdict
+            if failure.kind == "error":  # load_alone or time_slice raised: a defect, not a verdict
                 raise
             break  # a crash or a hang of a model that ran in-process: too few pairs, not confirmed
-        ratios.append(math.log(ms["original"] / ms["candidate"]))
+        ratios.append(statistics.median(slice_ratios))
     return tuple(ratios)
