@@ -340,3 +340,24 @@ def test_a_leaf_gain_above_the_leaf_floor_is_not_timed_apart():
     side = SideBySide(10.0, 10.0 / 1.026, 10.0, 10)  # 2.6%, noise 0
     assert side.needs_apart() and not side.needs_apart(assemble.MIN_LEAF_GAIN)
     assert side.significant(assemble.MIN_LEAF_GAIN)
+
+
+def test_pairs_timed_apart_another_way_are_timed_again(tmp_path, monkeypatch):
+    """A cache written before the pairs took turns (or with other pairs/seconds) holds pairs
+    5-6x noisier: the side-by-side timing is read back, its pairs apart are timed again."""
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=5))
+    cache = MeasurementCache(tmp_path, "fp")
+    key = cache.key(assemble.pair_key(model, model, {}), (), kind="side-by-side")
+    cache.put(key, original_ms=10.0, candidate_ms=9.8, aa_ms=10.02, rounds=15, apart=list(pairs(*(0.99,) * 8)))
+    monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: pytest.fail("re-timed in one process"))
+    calls = []
+
+    def fake_apart(original, candidate, feeds, target, n, seconds, max_seconds):
+        calls.append(n)
+        return pairs(*(1.02,) * n)
+    monkeypatch.setattr(assemble, "apart", fake_apart)
+    side = assemble.cached_side_by_side(cache, config, model, model, {})
+    assert calls == [5] and side.agreed_apart() and side.candidate_ms == 9.8
+    again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
+    assert calls == [5] and again.apart == pytest.approx(side.apart)  # this time the kind matches: read back

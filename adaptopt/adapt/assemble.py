@@ -408,16 +408,23 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     target = config.target
     key = cache.key(pair_key(original, candidate, feeds), (), kind=f"side-by-side{purpose}")
     entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
+    kind = apart_kind(config.profiling)
     if entry is not None:
         pairs = entry.get("apart")
-        return SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"],
+        side = SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"],
                           apart=tuple(pairs) if isinstance(pairs, list) else None)
-    side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
-                               max_seconds=max_seconds)
+        if side.apart is None or entry.get("apart_kind") == kind:
+            return side
+        # pairs timed apart another way (other pairs or seconds, or one process after the
+        # other: 5-6x noisier), written by an earlier version: time them again
+        side = replace(side, apart=None)
+    else:
+        side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
+                                   max_seconds=max_seconds)
     if settle_gains:
         side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget, floor)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
-              apart=None if side.apart is None else list(side.apart))
+              apart=None if side.apart is None else list(side.apart), apart_kind=kind)
     return side
 
 
