@@ -157,3 +157,35 @@ def test_an_unusable_measurement_cache_is_said_once(tmp_path):
     assert done.returncode == 0, done.stderr
     warnings = [l for l in done.stderr.decode().splitlines() if "warning" in l]
     assert len(warnings) == 1 and "not usable (it is a file, not a folder)" in warnings[0]
+
+
+def test_a_cache_that_fails_mid_run_is_reported(tmp_path, monkeypatch):
+    """A disk that fills up during the run: the run goes on in memory, the report names it
+    (cache_unusable) and one warning says it; a cache unusable from the start is in the
+    report too, but the CLI has already said it (test_an_unusable_measurement_cache_is_said_once)."""
+    from adaptopt.adapt.cache import MeasurementCache
+    from adaptopt.adapt.loop import note_cache_trouble
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+    cache = MeasurementCache(tmp_path, "fp")
+    said: list[str] = []
+    report: dict = {}
+    note_cache_trouble(cache, cache.unusable, report, said.append)
+    assert report == {} and said == []
+    monkeypatch.setattr("adaptopt.adapt.cache._append_line", full)
+    cache.put("k", time_ms=1.0)
+    note_cache_trouble(cache, None, report, said.append)
+    assert "No space left on device" in report["cache_unusable"]
+    assert len(said) == 1 and said[0].startswith("warning: measurement cache") and "\n" not in said[0]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    from_start = MeasurementCache(blocker, "fp")
+    report, said = {}, []
+    note_cache_trouble(from_start, from_start.unusable, report, said.append)
+    assert "it is a file" in report["cache_unusable"] and said == []
+    from adaptopt.report.optimize import render_markdown
+    result = {"message": "m", "speedup": 1.0, "latency_ms": {"original": 1.0, "optimized": 1.0}, "aa_noise": 0.0,
+              "accuracy": {"max_abs_diff": 0.0, "min_cosine": 1.0}}
+    text = render_markdown({"model": {"name": "m"}, "result": result, **report})
+    assert "Note: the measurement cache" in text and "it is a file" in text

@@ -113,6 +113,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
 
     clock.stage("pre-pass")
     cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
+    unusable_at_start = cache.unusable  # the CLI has said it (warn_if_cache_unusable)
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
                   prepass_deadline, settle_until=deadline)
     say(f"whole-model exact passes: {pre.reason}")
@@ -185,7 +186,21 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     if unmeasured:
         report["counters_skipped"] = {"leaves": unmeasured, "reason": "time budget spent before their counters ran"}
     note_assumed_inputs(model, config, budget, assembly.improved, report, say)
+    note_cache_trouble(ctx.cache, unusable_at_start, report, say)
     return finalize(assembly, report, tree)
+
+
+def note_cache_trouble(cache: MeasurementCache, unusable_at_start: str | None, report: dict,
+                       say: Callable[[str], None]) -> None:
+    """A measurement cache that stopped taking entries during the run (the disk filled up, the
+    folder went away) is named in the report (``cache_unusable``) and, when it happened
+    mid-run, in a warning: this run's measurements are not kept, so a rerun measures again
+    and the same-seed promise of identical output needs the cache."""
+    if cache.unusable is None:
+        return
+    report["cache_unusable"] = cache.unusable
+    if cache.unusable != unusable_at_start:
+        say(f"warning: {cache.unusable}")
 
 
 def note_assumed_inputs(model: onnx.ModelProto, config: Config, budget: float, improved: bool, report: dict,

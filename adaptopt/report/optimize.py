@@ -140,6 +140,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"Timed apart (each model alone in a fresh process, {len(a['pairs'])} pairs): {a['speedup']}x, "
                   f"pairs {', '.join(f'{x}x' for x in a['pairs'])}: {'agreed' if a['agreed'] else 'not confirmed'}.",
                   ""]
+    if report.get("cache_unusable"):
+        lines += [f"Note: the {report['cache_unusable']}.", ""]
     if report.get("machine"):
         m = report["machine"]
         lines += [f"Machine: {m['peak_gflops']} GFLOP/s peak, {m['bandwidth_gbs']} GB/s, session overhead "
