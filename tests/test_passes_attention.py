@@ -41,11 +41,14 @@ def _split(nodes, src, out, heads, perm):
 
 
 def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guard=True, gqa=False,
-                    probs_out=False, late_scale=False) -> onnx.ModelProto:
+                    probs_out=False, late_scale=False, where=None, fill=float(np.finfo(np.float32).min)
+                    ) -> onnx.ModelProto:
     """One attention layer as exporters write it. ``gqa``: one K/V head repeated for every
     query head, a non-scalar multiply on Q (as rotary embeddings do), the scores divided
     by sqrt(d) instead of Q and K each scaled by d**-0.25. ``late_scale``: the scores are
-    divided after the mask is added, ``(QK + bias) / sqrt(d)``."""
+    divided after the mask is added, ``(QK + bias) / sqrt(d)``. ``where``: the scores are
+    first masked as GPT-2 does, ``Where(wmask, scores, fill)`` ("keep") or
+    ``Where(wmask, fill, scores)`` ("drop"), by a boolean [1, 1, S, S] input."""
     hidden, kv_heads = heads * head, 1 if gqa else heads
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
              helper.make_node("MatMul", ["x", "wv"], ["v"])]
@@ -75,6 +78,12 @@ def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guar
             nodes += [helper.make_node("Mul", ["q4", "root"], ["qa"]), helper.make_node("Mul", ["kt0", "root"], ["kt"]),
                       helper.make_node("MatMul", ["qa", "kt"], ["sc"])]
     inputs = [tensor("x", [batch, seq, hidden])]
+    if where is not None:
+        inputs.append(tensor("wmask", [1, 1, seq, seq], TensorProto.BOOL))
+        inits.append(const("fill", np.float32(fill)))
+        branches = ["sc", "fill"] if where == "keep" else ["fill", "sc"]
+        nodes.append(helper.make_node("Where", ["wmask", *branches], ["sw"]))
+    sc = "sw" if where is not None else "sc"
     if mask is not None:
         shape = MASKS[mask](batch, heads, seq)
         if mask in ("bool", "per_head"):
@@ -82,8 +91,8 @@ def attention_model(batch=2, seq=5, *, heads=HEADS, head=HEAD, mask="bool", guar
             nodes.append(helper.make_node("Where", ["mask", "zero", "minus_inf"], ["bias"]))
         else:
             inputs.append(tensor("bias", shape))
-        nodes.append(helper.make_node("Add", ["sc", "bias"], ["sb"]))
-    scores = "sb" if mask else "sc"
+        nodes.append(helper.make_node("Add", [sc, "bias"], ["sb"]))
+    scores = "sb" if mask else sc
     if late_scale:
         nodes.append(helper.make_node("Div", [scores, "sqrt_d"], ["scaled"]))
         scores = "scaled"
@@ -113,6 +122,11 @@ def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0,
         mask[..., 0] = True
         mask[-1] = not fully_masked and mask[-1]
         feeds["mask"] = mask
+    if "wmask" in names:  # causal, with a fully masked first row (finite fill: uniform there)
+        feeds["wmask"] = np.tril(np.ones((1, 1, seq, seq), bool))
+        feeds["wmask"][..., 0, :] = False
+        if _where_drops(model):
+            feeds["wmask"] = ~feeds["wmask"]
     if "bias" in names:
         rank = len(names["bias"].type.tensor_type.shape.dim)
         # finite values where attended (a relative-position / ALiBi-like bias), -inf where masked
@@ -126,6 +140,12 @@ def attention_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0,
     return feeds
 
 
+def _where_drops(model: onnx.ModelProto) -> bool:
+    """The Where-mask's True means masked (``Where(wmask, fill, scores)``)."""
+    where = next(n for n in model.graph.node if n.op_type == "Where" and n.input[0] == "wmask")
+    return where.input[1] == "fill"
+
+
 def dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with batch/sequence dims symbolic again and no traced value infos."""
     out = onnx.ModelProto()
@@ -136,6 +156,8 @@ def dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
         names = {2: ["S", "S"], 3: ["B", "S", None], 4: ["B", None, "S", "S"]}[rank]
         if vi.name == "bias" and rank == 4:
             names = ["B", None, None, "S"]
+        if vi.name == "wmask":
+            names = [None, None, "S", "S"]
         for dim, name in zip(dims, names):
             if name:
                 dim.dim_param = name
@@ -213,15 +235,42 @@ def test_scale_after_the_mask_scales_the_bias_too():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 3), seq=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]), head=st.sampled_from([2, 4, 8]),
        mask=st.sampled_from([None, "bool", "padding", "causal"]), guard=st.booleans(), gqa=st.booleans(),
-       late_scale=st.booleans())
-def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, guard, gqa, late_scale):
+       late_scale=st.booleans(), where=st.sampled_from([None, "keep", "drop"]))
+def test_sdpa_rewrite_is_exact_on_random_layouts(batch, seq, heads, head, mask, guard, gqa, late_scale, where):
     """Any of these layers is fused into one MultiHeadAttention and computes the same, at its
     own sizes and at others (a guard without a mask has no -inf to guard against: fused too)."""
     model = attention_model(batch, seq, heads=heads, head=head, mask=mask, guard=guard, gqa=gqa,
-                            late_scale=late_scale and not gqa)
+                            late_scale=late_scale and not gqa, where=where)
     result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, batch, seq, fully_masked=guard),
                              {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
     assert_same_everywhere(model, result.model, fully_masked=guard)
+
+
+@pytest.mark.parametrize("where", ["keep", "drop"])
+@pytest.mark.parametrize("mask, late_scale", [(None, False), ("padding", False), ("padding", True)])
+def test_where_masked_scores_become_part_of_the_bias(where, mask, late_scale):
+    """GPT-2's ``torch.where(causal_mask, w, finfo.min)`` then ``+ attention_mask``: the
+    Where joins the bias (its first query row fully masked: uniform, fused or not)."""
+    model = attention_model(mask=mask, where=where, guard=False, late_scale=late_scale)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5, fully_masked=False),
+                             {"com.microsoft.MultiHeadAttention": 1, "Softmax": -1})
+    assert_same_everywhere(model, result.model, fully_masked=False)
+
+
+def test_where_mask_with_minus_inf_keeps_the_nan_guard_rule():
+    model = attention_model(mask=None, where="keep", fill=-np.inf)
+    result = assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5),
+                             {"com.microsoft.MultiHeadAttention": 1, "IsNaN": -1})
+    assert_same_everywhere(model, result.model)
+
+
+def test_where_mask_with_a_small_fill_is_left_alone():
+    """A fill of -1e4: a fully masked row is uniform in the original, softmax(scores) once
+    the fill is added to them. Not exact, so not fused; the same layer with finfo.min is."""
+    assert_noop("fuse_sdpa", attention_model(mask=None, where="keep", guard=False, fill=-1e4))
+    assert_noop("fuse_sdpa", attention_model(mask=None, where="keep", guard=False, fill=1e38))
+    model = attention_model(mask=None, where="keep", guard=False)
+    assert_rewrites("fuse_sdpa", model, attention_feeds(model, 2, 5), {"com.microsoft.MultiHeadAttention": 1})
 
 
 def mlp_softmax_model() -> onnx.ModelProto:

@@ -6,7 +6,7 @@ own BERT/GPT fusions do not recognise, so the model runs unfused::
 
     q4 = Transpose(Reshape(q, [B,S,H,D]), 0213) [* c]        (or any [B,H,S,D] tensor)
     kt = Transpose(Reshape(k, [B,T,H,D]), 0231) [* c]        (or Transpose(k4, 0132))
-    p  = Softmax(MatMul(q4, kt) [* c | / c] [+ bias], axis=-1)
+    p  = Softmax(MatMul(q4, kt) [* c | / c] [masked] [+ bias], axis=-1)
     p  = Where(IsNaN(p), 0, p)                               (optional guard)
     o  = Reshape(Transpose(MatMul(p, v4), 0213), [B,S,H*D])  (or o4 itself)
 
@@ -18,6 +18,13 @@ reshapes, else as ``[B,H,T,D]`` (so grouped-query attention's repeated K/V work 
 The guard makes a row whose keys are all masked (bias -inf everywhere) output 0 instead
 of NaN. The fused kernel does not know that rule, so it is kept explicitly: such rows are
 found from the bias (``ReduceMax == -inf``) and set to 0 by a ``Where`` on the output.
+``masked`` is ``Where(keep, scores, fill)`` (or ``Where(drop, fill, scores)``) with a
+boolean mask and a constant fill of at most -1e30 (GPT-2's ``torch.where(causal_mask,
+w, finfo.min)``): it becomes part of the additive bias, ``Where(keep, bias, fill + bias)``.
+The fill must be that large so that adding the scores to it changes nothing (a row whose
+keys are all masked is uniform, in the original and fused alike); a fill of -1e4 would
+not be absorbed, and is left alone.
+
 Nothing of the input's shapes is baked in: reshapes use ``0``/``-1`` and broadcasts read
 the runtime shape, so the rewrite holds at every size of dynamic dims.
 """
@@ -57,6 +64,20 @@ class _Operand:
     factor: float = 1.0
 
 
+# a Where-mask's fill (times the factors after it) must be at most this to become an
+# additive bias: scores added to it vanish in float32 rounding (see the module docstring)
+MASK_FILL_MAX = -1e30
+
+
+@dataclass(frozen=True)
+class _WhereMask:
+    """``Where(cond, scores, fill)`` (``keep`` True) or ``Where(cond, fill, scores)``."""
+
+    cond: str
+    fill: np.ndarray  # a scalar, already times the factors met after the Where
+    keep: bool
+
+
 @dataclass
 class _Match:
     query: _Operand
@@ -72,13 +93,15 @@ class _Match:
     out3: str | None  # the [B,S,H*Dv] tensor the pattern ends in (its producer is replaced)
     out4: str  # the [B,H,S,Dv] attention output (replaced when ``out3`` is None)
     head_size_v: int
+    mask: _WhereMask | None = None
 
 
 class FuseScaledDotProductAttentionPass(RulePass):
     name = "fuse_sdpa"
     category = "compute"
     guarantee = "exact"
-    description = "Decomposed attention (MatMul, scale, additive mask, Softmax, NaN guard, MatMul) -> MultiHeadAttention"
+    description = ("Decomposed attention (MatMul, scale, additive or Where mask, Softmax, NaN guard, MatMul) -> "
+                   "MultiHeadAttention")
     no_match: ClassVar[str] = "no decomposed scaled-dot-product attention (MatMul -> Softmax -> MatMul over heads)"
 
     def target_reason(self, model: onnx.ModelProto, ctx: PassContext) -> str:
@@ -147,8 +170,14 @@ class _Shapes:
         vi = self.ed.value_info.get(name)
         return _dims_of(vi) if vi is not None else None
 
+    def dtype(self, name: str) -> int | None:
+        value = self.ed.const(name)
+        if value is not None:
+            return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return self.types.get(name) or self.ed.elem_type(name)
+
     def is_float(self, name: str) -> bool:
-        return (self.types.get(name) or self.ed.elem_type(name)) == FLOAT
+        return self.dtype(name) == FLOAT
 
 
 def _dims_of(vi: onnx.ValueInfoProto) -> Dims | None:
@@ -227,23 +256,30 @@ def _key_operand(ed: GraphEditor, shape: _Shapes, kt: str, heads: int, head_size
 
 
 def _scores_chain(ed: GraphEditor, softmax: onnx.NodeProto):
-    """Walk up from the Softmax input: (QK MatMul, scale, bias, bias factor) or None.
+    """Walk up from the Softmax input: (QK MatMul, scale, bias, bias factor, Where-mask) or None.
 
     A factor met before the Add (``(QK + bias) * c``) scales the bias too: it is returned
-    as the bias factor, and must be positive (a masked -inf must stay -inf)."""
-    name, scale, bias, bias_factor = softmax.input[0], 1.0, None, 1.0
-    for _ in range(8):
+    as the bias factor, and must be positive (a masked -inf must stay -inf); likewise for a
+    Where-mask's fill."""
+    name, scale, bias, bias_factor, mask = softmax.input[0], 1.0, None, 1.0, None
+    for _ in range(10):
         node = ed.producer(name)
         if node is None or ed.sole_consumer(name) is None:
             return None
         if is_op(node, "MatMul"):
-            return node, scale, bias, bias_factor
-        if is_op(node, "Add") and bias is None:
+            return node, scale, bias, bias_factor, mask
+        if is_op(node, "Add") and bias is None and mask is None:
             a, b = node.input[0], node.input[1]
-            pick = next(((x, y) for x, y in ((a, b), (b, a)) if _leads_to_matmul(ed, x)), None)
+            pick = next(((x, y) for x, y in ((a, b), (b, a)) if _leads_to_scores(ed, x)), None)
             if pick is None or scale <= 0:
                 return None
             (name, bias), bias_factor = pick, scale
+            continue
+        if is_op(node, "Where") and mask is None:
+            found = _where_mask(ed, node, scale)
+            if found is None:
+                return None
+            name, mask = found
             continue
         step = next(((x, c) for x in node.input if (c := _scalar_factor(ed, node, x)) is not None), None)
         if step is None:
@@ -255,6 +291,31 @@ def _scores_chain(ed: GraphEditor, softmax: onnx.NodeProto):
 def _leads_to_matmul(ed: GraphEditor, name: str) -> bool:
     base, _ = _strip_scale(ed, name)
     return is_op(ed.producer(base), "MatMul")
+
+
+def _leads_to_scores(ed: GraphEditor, name: str) -> bool:
+    """``name`` is the scores (scaled), or a Where-mask over them: the side of an Add that is not the bias."""
+    base, _ = _strip_scale(ed, name)
+    node = ed.producer(base)
+    if is_op(node, "Where"):
+        return any(_leads_to_matmul(ed, x) for x in node.input[1:])
+    return is_op(node, "MatMul")
+
+
+def _where_mask(ed: GraphEditor, node: onnx.NodeProto, factor: float) -> tuple[str, _WhereMask] | None:
+    """(the scores the Where masks, the mask) when ``node`` is ``Where(keep, scores, fill)``
+    or ``Where(drop, fill, scores)`` with a scalar fill that, times ``factor`` (> 0), is at
+    most ``MASK_FILL_MAX``."""
+    cond, a, b = node.input
+    for keep, scores, fill_name in ((True, a, b), (False, b, a)):
+        fill = ed.const(fill_name)
+        if fill is None or fill.size != 1 or fill.dtype.kind != "f" or not _leads_to_matmul(ed, scores):
+            continue
+        scaled = (fill.reshape(()) * fill.dtype.type(factor)).astype(fill.dtype)
+        if factor <= 0 or not scaled <= MASK_FILL_MAX:
+            return None
+        return scores, _WhereMask(cond, scaled, keep)
+    return None
 
 
 def _guarded(ed: GraphEditor, probs: str) -> tuple[str, bool] | None:
@@ -319,7 +380,7 @@ def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match |
     chain = _scores_chain(ed, softmax)
     if chain is None:
         return None
-    qk, scale, bias, bias_factor = chain
+    qk, scale, bias, bias_factor, mask = chain
     b, h, s, t = scores
     q4, q_scale = _strip_scale(ed, qk.input[0])
     kt, k_scale = _strip_scale(ed, qk.input[1])
@@ -344,12 +405,20 @@ def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match |
         bias_rank = len(shape(bias) or ())
         if bias_dims is None or not shape.is_float(bias):
             return None
-    guard = guarded[1] and bias is not None
+    if mask is not None:
+        cond_dims = _bias_dims(shape(mask.cond), b, h, s, t)
+        if cond_dims is None or shape.dtype(mask.cond) != onnx.TensorProto.BOOL:
+            return None
+        bias_rank = max(bias_rank, len(shape(mask.cond)))
+        bias_dims = cond_dims if bias_dims is None else \
+            tuple(x if x != 1 else y for x, y in zip(bias_dims, cond_dims))
+    guard = guarded[1] and (bias is not None or mask is not None)
     if guard and bias_dims[1] != 1 and h != 1:
         return None  # a per-head mask: the fully-masked-row rule would need a per-head output mask
     return _Match(query=query, key=key, value=value, heads=h, scale=scale * q_scale * k_scale * query.factor * key.factor,
                   bias=bias, bias_factor=bias_factor, bias_shape=bias_dims or (), bias_rank=bias_rank, guard=guard,
-                  out3=_merged_heads(ed, shape, pv.output[0], b, s, h, dv), out4=pv.output[0], head_size_v=dv)
+                  out3=_merged_heads(ed, shape, pv.output[0], b, s, h, dv), out4=pv.output[0], head_size_v=dv,
+                  mask=mask)
 
 
 # ---------------------------------------------------------------- rewriting
@@ -381,9 +450,15 @@ def _attention_bias(ed: GraphEditor, m: _Match, query: str, key: str) -> str:
     """The bias at rank 4, scaled when the pattern scales it, expanded over the query/key
     positions it broadcasts along."""
     bias = m.bias
-    if m.bias_factor != 1.0:
+    if bias and m.bias_factor != 1.0:
         factor = ed.add_const(np.array(m.bias_factor, np.float32), "bias_scale")
         bias = ed.add_node("Mul", [bias, factor], base="bias_scaled").output[0]
+    if m.mask is not None:  # Where(keep, bias, fill + bias): the fill where the scores were masked
+        fill = ed.add_const(m.mask.fill, "mask_fill")
+        masked = ed.add_node("Add", [fill, bias], base="mask_fill_bias").output[0] if bias else fill
+        bias = bias or ed.add_const(np.zeros((), m.mask.fill.dtype), "zero")
+        branches = [bias, masked] if m.mask.keep else [masked, bias]
+        bias = ed.add_node("Where", [m.mask.cond, *branches], base="mask_bias").output[0]
     pad = 4 - m.bias_rank
     if pad:
         bias = ed.add_node("Unsqueeze", [bias, ed.add_const(np.arange(pad, dtype=np.int64), "axes")],
@@ -414,7 +489,7 @@ def _masked_rows_to_zero(ed: GraphEditor, m: _Match, bias4: str, out: str, final
 def _replace(ed: GraphEditor, m: _Match) -> None:
     query = _as_bsh(ed, m.query)
     key, value = (m.key.name, m.value.name) if m.key.layout == "bsh" else (_as_bhsd(ed, m.key), m.value.name)
-    bias = _attention_bias(ed, m, query, key) if m.bias else ""
+    bias = _attention_bias(ed, m, query, key) if m.bias or m.mask else ""
     final = m.out3
     if final is not None:
         ed.remove(ed.producer(final))
