@@ -580,6 +580,27 @@ def test_pre_pass_drops_a_refused_step_and_runs_the_next_passes_without_it():
     assert identities(result) == 1 and any(n.op_type == "QuickGelu" for n in result.graph.node)
 
 
+@pytest.mark.parametrize("again, dropped", [(0.99, ""), (0.93, "slower (0.930x, A/A noise 0.007; again 0.930x, A/A noise 0.007)")])
+def test_a_step_is_dropped_only_when_a_second_timing_agrees(monkeypatch, again, dropped):
+    """One disturbed 3 s timing must not drop a pass (roberta's fuse_attention, 0.930x once,
+    cost the whole pre-pass); a second, independent timing (":step-again") must say slower too."""
+    from adaptopt.adapt import prepass
+    from adaptopt.adapt.verify import SideBySide
+    asked = []
+
+    def fake_side(cache, config, before, after, feeds, purpose="", **kwargs):
+        asked.append(purpose)
+        return SideBySide(10.0, 10.0 / (0.93 if purpose == ":step" else again), 10.07, 15)
+    monkeypatch.setattr(prepass, "cached_side_by_side", fake_side)
+    monkeypatch.setattr(prepass, "_outputs_verdict", lambda *a, **k: "")
+    assert prepass._step_verdict(None, None, None, Config(), {}, {}, None) == dropped
+    assert asked == [":step", ":step-again"]
+    asked.clear()
+    monkeypatch.setattr(prepass, "cached_side_by_side",
+                        lambda *a, purpose="", **k: asked.append(purpose) or SideBySide(10.0, 10.0, 10.0, 15))
+    assert prepass._step_verdict(None, None, None, Config(), {}, {}, None) == "" and asked == [":step"]
+
+
 def test_steps_are_only_checked_once_judging_them_all_would_not_fit():
     """A judged step that takes longer than the time left allows for the remaining passes
     (a 440 MB encoder: 20-40 s each) turns the rest into output checks; the final

@@ -173,12 +173,19 @@ def _step_verdict(skeleton: onnx.ModelProto, before: onnx.ModelProto, after: onn
     why = _outputs_verdict(skeleton, after, feeds, reference, config)
     if why:
         return why
-    # only "slower?" is asked here: a gain hidden by the noise keeps the step either way
-    side = cached_side_by_side(cache, config, before, after, feeds, purpose=":step", settle_gains=False,
-                               max_seconds=STEP_SECONDS)
-    if side.slower():
-        return f"slower ({side.speedup:.3f}x, A/A noise {side.noise:.3f})"
-    return ""
+    # only "slower?" is asked here: a gain hidden by the noise keeps the step either way.
+    # A step is dropped only when a second, independent timing says so too: in a make bench
+    # run on a disturbed machine (convnext's A/A 8%) roberta's fuse_attention step measured
+    # 0.930x (A/A 0.007) and was dropped, and the pre-pass without it, 1.09x in the run
+    # before, measured 0.972x and was not kept
+    verdicts = []
+    for purpose in (":step", ":step-again"):
+        side = cached_side_by_side(cache, config, before, after, feeds, purpose=purpose, settle_gains=False,
+                                   max_seconds=STEP_SECONDS)
+        if not side.slower():
+            return ""
+        verdicts.append(f"{side.speedup:.3f}x, A/A noise {side.noise:.3f}")
+    return f"slower ({'; again '.join(verdicts)})"
 
 
 def _outputs_verdict(skeleton: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
