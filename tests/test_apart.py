@@ -10,6 +10,7 @@ import pytest
 
 from adaptopt.adapt import assemble, verify
 from adaptopt.adapt.cache import MeasurementCache
+from adaptopt.budget import Deadline
 from adaptopt.adapt.verify import SideBySide, apart, apart_slices, load_alone, time_slice
 from adaptopt.config import Config, ProfilingConfig, parse_config
 from adaptopt.errors import InputError
@@ -243,6 +244,7 @@ def test_the_written_model_must_be_faster_timed_apart_too(monkeypatch):
     ([(1.05,) * 7 + (1.04,)], 1, True),
 ])
 def test_pairs_apart_that_lean_to_a_gain_get_another_batch(monkeypatch, batches, calls, agreed):
+    """(The pre-pass and the model to be written: any median gain is looked at again.)"""
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     config = Config(profiling=ProfilingConfig(apart_pairs=8))
     made = []
@@ -255,6 +257,18 @@ def test_pairs_apart_that_lean_to_a_gain_get_another_batch(monkeypatch, batches,
     assert len(made) == calls and len(got) == 8 * calls
     assert all(0 < s <= verify.APART_MAX_S for s in made)
     assert verify.apart_agrees(got) is agreed
+
+
+def test_a_leaf_looks_again_only_for_a_median_over_one_percent(monkeypatch):
+    """A leaf's confirmation (timed within the budget) is one leaf's gain: a batch whose median
+    pair gains under 1% ends it; over 1%, it is looked at again."""
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=8))
+    for batch, calls in (((1.005,) * 5 + (0.99,) * 3, 1), (CONVNEXT, 2)):
+        made = []
+        monkeypatch.setattr(assemble, "apart", lambda *a, **k: made.append(1) or pairs(*batch))
+        assemble.timed_apart(None, config, model, model, {}, more_until=Deadline(600), in_budget=True)
+        assert len(made) == calls
 
 
 def test_weights_kept_on_disk_are_timed_apart_and_folded(tmp_path, monkeypatch):

@@ -190,13 +190,13 @@ def apart_agrees(pairs: Sequence[float]) -> bool:
     return sd == 0.0 or t_upper_tail(mean / (sd / math.sqrt(n)), n - 1) <= APART_P / APART_LOOKS
 
 
-def worth_another_look(pairs: Sequence[float]) -> bool:
-    """Not agreed, but the median pair still gains: more pairs may settle it. (Each look is
+def worth_another_look(pairs: Sequence[float], lean: float = 0.0) -> bool:
+    """Not agreed, but the median pair still gains (more than ``lean``): more pairs may settle it. (Each look is
     tested at ``APART_P / APART_LOOKS`` whatever led to it, so looking again costs time, not
     false gains. In make bench convnext's exact passes, 1.02-1.035x apart in other runs, gave
     a first batch of 8 pairs with one at 0.83x and a median of 1.007x: under the 1% a gain
     must show, the batch had ended the timing.)"""
-    return bool(pairs) and not apart_agrees(pairs) and statistics.median(pairs) > 0.0
+    return bool(pairs) and not apart_agrees(pairs) and statistics.median(pairs) > lean
 
 
 def t_upper_tail(t: float, df: int) -> float:
