@@ -376,3 +376,10 @@ def test_pairs_timed_apart_another_way_are_timed_again(tmp_path, monkeypatch):
     assert calls == [5] and side.agreed_apart() and side.candidate_ms == 9.8
     again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
     assert calls == [5] and again.apart == pytest.approx(side.apart)  # this time the kind matches: read back
+
+
+@pytest.mark.parametrize("slice_pair_s, kept", [(0.37, 6), (1.2, 2), (0.55, 6), (0.8, 4), (30.0, 2)])
+def test_a_slow_model_gets_fewer_slices(slice_pair_s, kept):
+    """convnext (8.8 ms a run) took ~0.37 s for its first two slices and keeps all 6; a model
+    at 0.2 s a run (1.2 s for two slices) keeps 2, so its pair takes ~2.4 s, not 7."""
+    assert verify.slices_that_fit(6, slice_pair_s, 0.5) == kept

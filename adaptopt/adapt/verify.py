@@ -231,10 +231,10 @@ def load_alone(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray], 
 
 
 def time_slice(seconds: float, warm_seconds: float = APART_SLICE_WARM_S) -> float:
-    """Median latency (ms) of the session :func:`load_alone` made: warmed up (at least 2 runs
-    and ``warm_seconds``), then timed for ``seconds`` and at least 3 runs."""
+    """Median latency (ms) of the session :func:`load_alone` made: warmed up (at least one run
+    and ``warm_seconds``), then timed for ``seconds`` and at least 2 runs."""
     session, inputs = _ALONE["session"], _ALONE["inputs"]
-    for phase_seconds, least in ((warm_seconds, 2), (seconds, 3)):
+    for phase_seconds, least in ((warm_seconds, 1), (seconds, 2)):
         times: list[float] = []
         end = time.perf_counter() + phase_seconds
         while len(times) < least or time.perf_counter() < end:
@@ -248,6 +248,16 @@ def apart_slices(seconds: float) -> int:
     """How many slices a pair alternates: ``seconds`` of timing per model, in slices of
     ``APART_SLICE_S``; an even number (each model leads as often), at least 4."""
     return max(4, 2 * math.ceil(seconds / (2 * APART_SLICE_S)))
+
+
+def slices_that_fit(planned: int, slice_pair_s: float, seconds: float) -> int:
+    """How many slices a pair keeps once its first two took ``slice_pair_s``: up to 1.5x the
+    pair's nominal time (``planned`` slices of ``seconds / planned`` plus their warm-up, for
+    both models), an even number, at least 2. A model slower than a slice runs its minimum
+    runs every slice: at 0.2 s a run, 6 slices would take 7 s a pair where the nominal is 2.2 s."""
+    nominal = 2 * planned * (seconds / planned + APART_SLICE_WARM_S)
+    allowed = int(1.5 * nominal / max(slice_pair_s, 1e-9))
+    return max(2, min(planned, allowed - allowed % 2))
 
 
 def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
@@ -284,11 +294,16 @@ def apart(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[
                 for name in order:
                     workers[name].call(load_alone, models[name], feeds, target, timeout=max(60.0, timeout))
                 slice_ratios = []
-                for j in range(slices):
+                planned, started = slices, time.perf_counter()
+                j = 0
+                while j < planned:
                     ms = {}
                     for name in ("original", "candidate") if (j + k) % 2 == 0 else ("candidate", "original"):
                         ms[name] = workers[name].call(time_slice, slice_seconds, timeout=timeout)
                     slice_ratios.append(math.log(ms["original"] / ms["candidate"]))
+                    j += 1
+                    if j == 2:  # a slow model: fewer slices, not a pair many times the nominal length
+                        planned = slices_that_fit(slices, time.perf_counter() - started, seconds)
         except WorkerFailure as failure:
             if failure.kind == "error":  # load_alone or time_slice raised: a defect, not a verdict
                 raise
