@@ -63,7 +63,7 @@ class ProfilingConfig:
     # (0: no timing apart; small gains are then not kept)
     apart_pairs: int = 8
     # each process times its model this long a pair, in slices of 0.1 s taking turns with the
-    # other's (each slice warmed 0.1 s first, at least 3 runs timed; verify.apart)
+    # other's (each slice warmed 0.1 s first, at least 2 runs timed; verify.apart)
     apart_seconds: float = 0.5
 
 
@@ -176,7 +176,8 @@ _RULES: dict[str, dict[str, tuple]] = {
         "isolate": _BOOL,
         "timeout_s": _POS_FLOAT,
         "apart_pairs": (int, lambda v: v == 0 or 5 <= v <= 100, "0 or an integer in [5, 100]"),
-        # a process runs 2x this (each slice's warm-up included); 3 pairs fit in verify.APART_MAX_S
+        # a pair runs ~4x this (two processes, each slice warmed as long as it is timed): at 10,
+        # 3 pairs take about verify.APART_MAX_S, and later pairs are cut
         "apart_seconds": (float, lambda v: 0 <= v <= 10 and math.isfinite(v), "a number in [0, 10]"),
     },
     "policy": {

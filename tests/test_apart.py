@@ -25,6 +25,17 @@ def pairs(*ratios: float) -> tuple[float, ...]:
     return tuple(math.log(r) for r in ratios)
 
 
+def count_apart(monkeypatch, ratio: float = 1.02) -> list[int]:
+    """``assemble.apart`` replaced: it records each batch's size and returns pairs of ``ratio``."""
+    calls: list[int] = []
+
+    def fake_apart(original, candidate, feeds, target, n, seconds, max_seconds):
+        calls.append(n)
+        return pairs(*(ratio,) * n)
+    monkeypatch.setattr(assemble, "apart", fake_apart)
+    return calls
+
+
 @pytest.mark.parametrize("candidate, aa, needs", [
     (9.80, 10.02, True),   # 1.020x, A/A 0.2%: beyond the noise, under the 3% floor
     (9.50, 10.02, False),  # 1.053x: above the floor, kept without timing apart
@@ -129,12 +140,7 @@ def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch)
     config = Config(profiling=ProfilingConfig(apart_pairs=5))
     gray = SideBySide(10.0, 9.8, 10.02, 15)
     monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: gray)
-    calls = []
-
-    def fake_apart(original, candidate, feeds, target, n, seconds, max_seconds):
-        calls.append(n)
-        return pairs(*(1.02,) * n)
-    monkeypatch.setattr(assemble, "apart", fake_apart)
+    calls = count_apart(monkeypatch)
     first = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
     again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
     assert calls == [5]
@@ -150,7 +156,7 @@ def test_the_pairs_apart_are_cached_with_the_side_by_side(tmp_path, monkeypatch)
                                         ("apart_pairs", "many"), ("apart_seconds", -1), ("apart_seconds", 11),
                                         ("apart_seconds", ".nan")])
 def test_apart_settings_are_checked(key, value):
-    """apart_seconds is capped: 3 pairs of processes (1.5x it each) must fit in verify.APART_MAX_S."""
+    """apart_seconds is capped at 10: a pair then takes ~40 s, so ~3 pairs fit in verify.APART_MAX_S."""
     with pytest.raises(InputError, match=key):
         parse_config(f"profiling:\n  {key}: {value}\n")
 
@@ -316,7 +322,6 @@ def test_require_speedup_holds_on_the_speedup_timed_apart_too(tmp_path, monkeypa
 def test_a_spent_budget_stops_timing_apart_after_the_first_batch(monkeypatch):
     """--budget bounds the second and third batches (a 5 s budget took 18.9 s when they ran
     anyway); the first always runs, or no small gain could ever be confirmed."""
-    from adaptopt.budget import Deadline
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     config = Config(profiling=ProfilingConfig(apart_pairs=8))
     made = []
@@ -332,14 +337,12 @@ def test_a_spent_budget_stops_timing_apart_after_the_first_batch(monkeypatch):
 
 
 def test_timings_after_the_search_shrink_to_what_the_budget_leaves():
-    from adaptopt.budget import Deadline
     assert assemble.verify_seconds(None) == assemble.MAX_VERIFY_S
     assert assemble.verify_seconds(Deadline(25.0)) == pytest.approx(25.0, abs=0.5)
     assert assemble.verify_seconds(Deadline(0)) == assemble.MIN_VERIFY_S  # spent: still enough rounds for a verdict
 
 
 def test_a_leaf_confirmation_is_not_timed_apart_once_the_budget_is_spent(monkeypatch):
-    from adaptopt.budget import Deadline
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     config = Config(profiling=ProfilingConfig(apart_pairs=8))
     monkeypatch.setattr(assemble, "apart", lambda *a, **k: pytest.fail("timed apart past the budget"))
@@ -366,12 +369,7 @@ def test_pairs_timed_apart_another_way_are_timed_again(tmp_path, monkeypatch):
     key = cache.key(assemble.pair_key(model, model, {}), (), kind="side-by-side")
     cache.put(key, original_ms=10.0, candidate_ms=9.8, aa_ms=10.02, rounds=15, apart=list(pairs(*(0.99,) * 8)))
     monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: pytest.fail("re-timed in one process"))
-    calls = []
-
-    def fake_apart(original, candidate, feeds, target, n, seconds, max_seconds):
-        calls.append(n)
-        return pairs(*(1.02,) * n)
-    monkeypatch.setattr(assemble, "apart", fake_apart)
+    calls = count_apart(monkeypatch)
     side = assemble.cached_side_by_side(cache, config, model, model, {})
     assert calls == [5] and side.agreed_apart() and side.candidate_ms == 9.8
     again = assemble.cached_side_by_side(MeasurementCache(tmp_path, "fp"), config, model, model, {})
@@ -380,6 +378,7 @@ def test_pairs_timed_apart_another_way_are_timed_again(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("slice_pair_s, kept", [(0.37, 6), (1.2, 2), (0.55, 6), (0.8, 4), (30.0, 2)])
 def test_a_slow_model_gets_fewer_slices(slice_pair_s, kept):
-    """convnext (8.8 ms a run) took ~0.37 s for its first two slices and keeps all 6; a model
-    at 0.2 s a run (1.2 s for two slices) keeps 2, so its pair takes ~2.4 s, not 7."""
+    """At apart_seconds 0.5 a pair's nominal time is 2.2 s (6 slices of 0.083 s, each warmed
+    0.1 s, for two models): two slices taking 0.37 s fit all 6, 1.2 s (a model slower than a
+    slice) only 2."""
     assert verify.slices_that_fit(6, slice_pair_s, 0.5) == kept

@@ -438,8 +438,9 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
 
     ``more_until`` (the run's ``--budget``): the first batch always runs (without it no
     gain is confirmed), later batches only before it expires and within what it leaves;
-    ``in_budget``: the first batch too (none when it has expired: not confirmed). Not
-    cached when the budget cut it short."""
+    ``in_budget`` (a leaf's confirmation, the one caller that sets it): the first batch too
+    (none when it has expired: not confirmed), and another batch only while the median pair
+    gains over ``MIN_APART_GAIN``. Not cached when the budget cut it short."""
     profiling = config.profiling
     if not profiling.apart_pairs:
         return None
@@ -449,8 +450,7 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
         return tuple(entry["pairs"])
     pairs: tuple[float, ...] = ()
     cut = False  # the budget, not the verdict, ended the batches: a longer run must time them again
-    # a leaf's confirmation (timed in the budget) looks again only while the median pair gains
-    # over 1%: it is one leaf's gain, and looking again at any gain took roberta's 4 leaves
+    # a leaf's gain is one leaf's: looking again at any median gain took roberta's 4 leaves
     # 64 pairs in a run of 256 s (make bench); the pre-pass and the written model look again at any
     lean = MIN_APART_GAIN if in_budget else 0.0
     deadline = time.perf_counter() + APART_MAX_S

@@ -72,8 +72,8 @@ class ModelMemory:
     the eight leaves of a 211 MB encoder (about 26 MB each) could hold 1.7 GB between them
     while the search visited them in turn; one byte budget for all of them (a run shares
     one) drops the least recently used first, and always keeps the newest. With it and
-    sessions that drop their model bytes, that encoder's run peaked at 4.0 GB, not 5.4 GB. A dropped model is rebuilt by replaying its
-    passes, which are deterministic.
+    sessions that drop their model bytes, that encoder's run peaked at 4.0 GB, not 5.4 GB.
+    A dropped model is rebuilt by replaying its passes, which are deterministic.
     """
 
     def __init__(self, max_bytes: int = 256 << 20):

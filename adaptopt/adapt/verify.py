@@ -40,7 +40,8 @@ MIN_MODEL_GAIN = 0.03
 # 1.00-1.18x: one batch of 8 passed in one run and failed in the other. convnext's exact
 # passes: 1.03-1.05x interleaved, 0.98-1.04x (median 1.02-1.025x) in 8 pairs apart. Those
 # pairs timed one process after the other; taking turns in slices (APART_SLICE_S) they
-# spread 0.98-1.06x (sd 0.023-0.025 over 8 pairs, down from 0.12-0.14).
+# spread 0.98-1.06x (sd 0.023-0.025 over 8-10 pairs, down from 0.116-0.143; on noisier
+# runs later, sd 0.016-0.049 over 16-24 pairs).
 MIN_APART_GAIN = 0.01
 APART_P = 0.05
 APART_LOOKS = 3
@@ -254,7 +255,8 @@ def slices_that_fit(planned: int, slice_pair_s: float, seconds: float) -> int:
     """How many slices a pair keeps once its first two took ``slice_pair_s``: up to 1.5x the
     pair's nominal time (``planned`` slices of ``seconds / planned`` plus their warm-up, for
     both models), an even number, at least 2. A model slower than a slice runs its minimum
-    runs every slice: at 0.2 s a run, 6 slices would take 7 s a pair where the nominal is 2.2 s."""
+    runs every slice: 4 MatMuls at 63 ms a run took 20.3 s for 3 A/A pairs with 6 slices,
+    9.0 s with this."""
     nominal = 2 * planned * (seconds / planned + APART_SLICE_WARM_S)
     allowed = int(1.5 * nominal / max(slice_pair_s, 1e-9))
     return max(2, min(planned, allowed - allowed % 2))

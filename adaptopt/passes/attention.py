@@ -295,11 +295,10 @@ def _leads_to_matmul(ed: GraphEditor, name: str) -> bool:
 
 def _leads_to_scores(ed: GraphEditor, name: str) -> bool:
     """``name`` is the scores (scaled), or a Where-mask over them: the side of an Add that is not the bias."""
-    base, _ = _strip_scale(ed, name)
-    node = ed.producer(base)
-    if is_op(node, "Where"):
-        return any(_leads_to_matmul(ed, x) for x in node.input[1:])
-    return is_op(node, "MatMul")
+    if _leads_to_matmul(ed, name):
+        return True
+    node = ed.producer(_strip_scale(ed, name)[0])
+    return is_op(node, "Where") and any(_leads_to_matmul(ed, x) for x in node.input[1:])
 
 
 def _where_mask(ed: GraphEditor, node: onnx.NodeProto, factor: float) -> tuple[str, _WhereMask] | None:
