@@ -15,8 +15,11 @@ from adaptopt.graph.io import atomic_path
 def optimize_summary(result, output: str, report_path: str | None) -> dict:
     r = result.report["result"]
     apart = r.get("apart") or {}
+    # speedup: timed apart (each model alone in a fresh process, as a user runs it) when those
+    # pairs agreed on it, else side by side in one process
     return {"speedup": result.speedup, "improved": result.improved,
-            # the speedup each model alone in fresh processes showed (median pair), when timed apart
+            "speedup_in_process": r.get("speedup_in_process") if result.improved else None,
+            # the median pair timed apart, when timed
             "speedup_apart": apart.get("speedup") if result.improved else None,
             "latency_ms": result.latency_ms, "accuracy": result.accuracy,
             "output": output, "report": report_path, "message": r["message"]}

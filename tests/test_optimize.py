@@ -662,15 +662,17 @@ def test_a_slower_model_kept_by_allow_slower_is_not_called_a_verified_speedup(tm
     assert "verified speedup" not in message
 
 
-def test_the_pre_pass_times_a_small_gain_apart_only_within_its_own_time(monkeypatch):
-    """A 1.004x pre-pass on a 5-node model was timed apart in 24 pairs (54 s of a 60 s budget)
-    and no leaf was searched: its later batches of pairs now stop at the end of the search's
-    time, not of the whole budget."""
+def _prepass_timed(monkeypatch, in_process: float, apart_ratio: float | None):
+    """The pre-pass of a 2-node model whose exact passes apply (Identity removed), timed at
+    ``in_process`` in one process and, when timed apart, at pairs of ``apart_ratio``;
+    returns (the PrePass, the deadlines each timing was given, the search's deadline)."""
+    import math
+
     import numpy as np
     from onnx import TensorProto, helper
     import adaptopt.adapt.prepass as prepass_module
     from adaptopt.adapt.cache import MeasurementCache
-    from adaptopt.adapt.verify import SideBySide
+    from adaptopt.adapt.verify import ApartPair, SideBySide
     from adaptopt.budget import Deadline
     from adaptopt.passes.registry import all_passes
     nodes = [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Relu", ["i"], ["y"])]
@@ -680,13 +682,39 @@ def test_the_pre_pass_times_a_small_gain_apart_only_within_its_own_time(monkeypa
     seen = {}
 
     def fake_side(*_args, more_until=None, **_kwargs):
-        seen["more_until"] = more_until
-        return SideBySide(1.0, 1.0, 1.0, 5)
+        seen["side"] = more_until
+        return SideBySide(1.0, 1.0 / in_process, 1.0, 5)
+
+    def fake_apart(*args):
+        seen["apart"] = args[-1]
+        return (ApartPair(math.log(apart_ratio), 1.0, 1.0 / apart_ratio),) * 8
 
     monkeypatch.setattr(prepass_module, "cached_side_by_side", fake_side)
+    monkeypatch.setattr(prepass_module, "timed_apart", fake_apart)
     monkeypatch.setattr(prepass_module, "_step_verdict", lambda *args: "")
     feeds = {"x": np.ones((2, 8), np.float32)}
     deadline, search = Deadline(100.0), Deadline(200.0)
     pre = prepass_module.prepass(model, model, all_passes(), Config(), feeds, {"y": np.ones((2, 8), np.float32)},
                                  MeasurementCache(None, "test"), deadline, settle_until=search)
-    assert pre.applied and seen["more_until"] is search
+    return pre, seen, search
+
+
+def test_the_pre_pass_times_a_small_gain_apart_only_within_its_own_time(monkeypatch):
+    """A 1.004x pre-pass on a 5-node model was timed apart in 24 pairs (54 s of a 60 s budget)
+    and no leaf was searched: its later batches of pairs now stop at the end of the search's
+    time, not of the whole budget."""
+    pre, seen, search = _prepass_timed(monkeypatch, 1.0, 1.0)
+    assert pre.applied and seen["side"] is search and seen["apart"] is search and not pre.kept
+
+
+@pytest.mark.parametrize("in_process, apart_ratio, timed_apart, kept", [
+    (0.972, 1.09, True, True),    # roberta's pre-pass in one make bench run (1.094x in the run before)
+    (0.972, 1.005, True, False),  # the pairs apart do not agree on a gain either
+    (0.90, 1.09, False, False),   # clearly slower in one process: not worth pairs apart
+])
+def test_a_pre_pass_within_a_few_percent_of_even_is_timed_apart(monkeypatch, in_process, apart_ratio, timed_apart,
+                                                                  kept):
+    pre, seen, _ = _prepass_timed(monkeypatch, in_process, apart_ratio)
+    assert ("apart" in seen) is timed_apart and pre.kept is kept
+    if kept:
+        assert pre.reason.startswith("verified speedup 1.090x timed apart in 8 pairs of processes (agreed; 0.972x")

@@ -22,8 +22,8 @@ import onnx
 
 from adaptopt.adapt.environment import model_digest
 from adaptopt.adapt.verify import (
-    APART_LOOKS, APART_MAX_S, MIN_APART_GAIN, MIN_MODEL_GAIN, SideBySide, apart, interleaved_medians, side_by_side,
-    worth_another_look,
+    APART_LOOKS, APART_MAX_S, MIN_APART_GAIN, MIN_MODEL_GAIN, ApartPair, SideBySide, apart, interleaved_medians,
+    side_by_side, with_pairs, worth_another_look,
 )
 from adaptopt.budget import Deadline
 from adaptopt.config import Config, InputSpec
@@ -411,26 +411,29 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
     kind = apart_kind(config.profiling)
     if entry is not None:
         pairs = entry.get("apart")
+        ms = entry.get("apart_ms")
         side = SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"],
-                          apart=tuple(pairs) if isinstance(pairs, list) else None)
+                          apart=tuple(pairs) if isinstance(pairs, list) else None,
+                          apart_ms=tuple(ms) if isinstance(ms, list) and len(ms) == 2 else None)
         if side.apart is None or entry.get("apart_kind") == kind:
             return side
-        # pairs timed apart another way (other pairs or seconds, or one process after the
-        # other: 5-6x noisier), written by an earlier version: time them again
-        side = replace(side, apart=None)
+        # pairs timed apart another way (other pairs or seconds, one process after the other:
+        # 5-6x noisier, or without their latencies), written by an earlier version: time them again
+        side = replace(side, apart=None, apart_ms=None)
     else:
         side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
                                    max_seconds=max_seconds)
     if settle_gains:
         side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget, floor)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
-              apart=None if side.apart is None else list(side.apart), apart_kind=kind)
+              apart=None if side.apart is None else list(side.apart),
+              apart_ms=None if side.apart_ms is None else list(side.apart_ms), apart_kind=kind)
     return side
 
 
 def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,
                 feeds: Mapping[str, np.ndarray], more_until: Deadline | None = None,
-                in_budget: bool = False) -> tuple[float, ...] | None:
+                in_budget: bool = False) -> tuple[ApartPair, ...] | None:
     """:func:`verify.apart` with the config's pairs and seconds, another batch while the
     pairs lean to a gain without settling it (up to ``APART_LOOKS``, ``APART_MAX_S`` in
     all); cached by both models' digests when ``cache`` is given. None when
@@ -446,9 +449,9 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
         return None
     key = cache.key(pair_key(original, candidate, feeds), (), kind=apart_kind(profiling)) if cache is not None else None
     entry = cache.get(key, pairs=list) if key else None
-    if entry is not None:
-        return tuple(entry["pairs"])
-    pairs: tuple[float, ...] = ()
+    if entry is not None and all(isinstance(p, list) and len(p) == 3 for p in entry["pairs"]):
+        return tuple(ApartPair(*p) for p in entry["pairs"])
+    pairs: tuple[ApartPair, ...] = ()
     cut = False  # the budget, not the verdict, ended the batches: a longer run must time them again
     # a leaf's gain is one leaf's: looking again at any median gain took roberta's 4 leaves
     # 64 pairs in a run of 256 s (make bench); the pre-pass and the written model look again at any
@@ -462,19 +465,20 @@ def timed_apart(cache, config: Config, original: onnx.ModelProto, candidate: onn
             break
         pairs += apart(original, candidate, feeds, config.target, profiling.apart_pairs, profiling.apart_seconds,
                        max_seconds=left)
-        if not worth_another_look(pairs, lean):
+        if not worth_another_look([p.ratio for p in pairs], lean):
             cut = False
             break
     if key and not cut:
-        cache.put(key, pairs=list(pairs))
+        cache.put(key, pairs=[p.to_list() for p in pairs])
     return pairs
 
 
 def apart_kind(profiling) -> str:
     """The cache kind of pairs timed apart: their number, their seconds and the method
     ("turns": the two processes take turns in slices; pairs timed one process after the
-    other were 5-6x noisier and are not read back as these)."""
-    return f"apart{profiling.apart_pairs}x{profiling.apart_seconds:g}s-turns"
+    other were 5-6x noisier and are not read back as these; "-ms": with both models'
+    latencies, which a verified speedup timed apart reports)."""
+    return f"apart{profiling.apart_pairs}x{profiling.apart_seconds:g}s-turns-ms"
 
 
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,
@@ -484,8 +488,7 @@ def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.Mo
     """``side`` with its pairs timed apart when its gain is one of 1-3% (:meth:`SideBySide.needs_apart`)."""
     if not side.needs_apart(floor):
         return side
-    pairs = timed_apart(cache, config, original, candidate, feeds, more_until, apart_in_budget)
-    return side if pairs is None else replace(side, apart=pairs)
+    return with_pairs(side, timed_apart(cache, config, original, candidate, feeds, more_until, apart_in_budget))
 
 
 def gate_apart(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base | None,
@@ -505,8 +508,8 @@ def gate_apart(ctx, assembly: Assembly, skeleton: onnx.ModelProto, base: Base | 
     for label, candidate in tries:
         if candidate is None:
             candidate = _fallback(base, skeleton, ctx, reference, [], "")
-        side = replace(candidate.side, apart=timed_apart(ctx.cache, ctx.config, skeleton, candidate.model, ctx.feeds,
-                                                         ctx.run_deadline))
+        side = with_pairs(candidate.side, timed_apart(ctx.cache, ctx.config, skeleton, candidate.model, ctx.feeds,
+                                                      ctx.run_deadline))
         first = first or side
         events.append({"event": "timed_apart", "candidate": label, **side.to_dict()["apart"]})
         if side.agreed_apart():
@@ -582,8 +585,7 @@ def verify_candidate(model, skeleton, candidate, feeds, reference, config, budge
                         f"the pass sequence changed the outputs ({validation.reason}); the output is the original")
     side = steady_side_by_side(skeleton, candidate, feeds, config.target)
     if side.significant() or side.needs_apart():
-        pairs = timed_apart(None, config, skeleton, candidate, feeds)
-        side = side if pairs is None else replace(side, apart=pairs)
+        side = with_pairs(side, timed_apart(None, config, skeleton, candidate, feeds))
     events = [{"event": "side_by_side", **side.to_dict()}]
     faster = side.significant() and (side.apart is None or side.agreed_apart())
     if faster or allow_slower:
@@ -604,9 +606,9 @@ def kept_message(side: SideBySide, faster: bool) -> str:
 def finalize(assembly: Assembly, report: dict, tree: PartitionTree | None):
     from adaptopt.adapt.loop import OptimizeResult
     side = assembly.side
-    latency = {"original": side.original_ms if side else None,
-               "optimized": (side.candidate_ms if assembly.improved else side.original_ms) if side else None}
-    speedup = side.speedup if (side and assembly.improved) else 1.0
+    original_ms, candidate_ms = side.verified_ms if side else (None, None)
+    latency = {"original": original_ms, "optimized": candidate_ms if assembly.improved else original_ms}
+    speedup = side.verified_speedup if (side and assembly.improved) else 1.0
     accuracy = {"max_abs_diff": assembly.validation.max_abs_diff, "min_cosine": assembly.validation.min_cosine}
     return OptimizeResult(assembly.model, assembly.improved, speedup, latency, accuracy, report, tree,
                           assembly.leaf_models)
