@@ -130,9 +130,9 @@ def confirmed(ctx, assembly: Assembly, skeleton: onnx.ModelProto, model: onnx.Mo
               beat: float = 1.0) -> SideBySide | None:
     """``model`` (picked among several tries) against the original once more, in a run that
     did not pick it, recorded in ``assembly.events``; the timing when it is faster beyond
-    the noise and than ``beat``, else None."""
+    the noise and than ``beat`` (a verified speedup), else None."""
     final = timed(ctx, skeleton, model, rounds=20, purpose=":confirm")
-    kept = final.significant() and final.speedup > beat
+    kept = final.significant() and final.verified_speedup > beat
     assembly.events.append({"event": "side_by_side", "attempt": attempt, **final.to_dict(), "kept": kept})
     return final if kept else None
 

@@ -64,7 +64,7 @@ class SideBySide:
     samples: Mapping[str, list[float]] | None = field(default=None, compare=False, repr=False)
     # log(original / candidate) of each pair of processes timed apart (:func:`apart`), if any
     apart: tuple[float, ...] | None = None
-    # the median pair's latencies (ms) timed apart: (original, candidate)
+    # each model's median latency (ms) over the pairs timed apart: (original, candidate)
     apart_ms: tuple[float, float] | None = None
 
     @property

@@ -52,7 +52,7 @@ def with_whole_model_lossy(ctx, assembly: Assembly, skeleton: onnx.ModelProto, c
                                 "min_cosine": round(validation.min_cosine, 6), "kept": side.significant()})
         if side.significant():
             best, best_validation, changed = candidate, validation, True
-    beat = assembly.side.speedup if assembly.improved else 1.0
+    beat = assembly.side.verified_speedup if assembly.improved else 1.0
     final = confirmed(ctx, assembly, skeleton, best, "whole-model lossy", beat) if changed else None
     if final is None:
         return assembly
