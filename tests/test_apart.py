@@ -432,3 +432,4 @@ def test_the_summary_reports_the_verified_speedup_and_its_latencies():
     data = _result(assembly)
     assert data["speedup"] == pytest.approx(1.05) and data["speedup_in_process"] == pytest.approx(1.0101, abs=1e-4)
     assert data["latency_ms"]["optimized"] == pytest.approx(10.0 / 1.05, abs=1e-4)
+    assert data["verified_by"] == "timed apart"

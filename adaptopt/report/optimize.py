@@ -39,6 +39,7 @@ def _result(assembly) -> dict:
         # timed apart (each model alone, as a user runs it) when those pairs agreed, else in one process
         "speedup": _round(side.verified_speedup if (side and assembly.improved) else 1.0, 4),
         "speedup_in_process": _round(side.speedup, 4) if side else None,
+        "verified_by": None if not side else "timed apart" if side.agreed_apart() else "one process",
         "latency_ms": {"original": _round(original_ms),
                        "optimized": _round(candidate_ms if assembly.improved else original_ms)},
         "aa_noise": _round(side.noise, 4) if side else None,
@@ -131,7 +132,7 @@ def render_markdown(report: dict) -> str:
     r = report["result"]
     lines = [f"# adaptopt optimize report — {report['model']['name']}", "",
              f"**{r['message']}**", "",
-             tabulate([["speedup (verified)", r["speedup"]],
+             tabulate([[f"speedup (verified{', ' + r['verified_by'] if r.get('verified_by') else ''})", r["speedup"]],
                        ["speedup in one process (side by side)", r.get("speedup_in_process")],
                        ["latency original (ms)", r["latency_ms"]["original"]],
                        ["latency optimized (ms)", r["latency_ms"]["optimized"]],
