@@ -89,6 +89,10 @@ def test_pairs_apart_that_agree_outweigh_one_process_and_are_the_verified_speedu
     assert side.describe() == ("1.050x timed apart in 8 pairs of processes (agreed; 0.980x in one process, "
                                "A/A noise 0.000)")
     assert side.to_dict()["apart"]["optimized_ms"] == pytest.approx(10.0 / 1.05, abs=1e-4)
+    # the latencies agree with the speedup even when each model's median over the pairs does
+    # not (a 0.05 ms model: pairs at 1.10x, medians 0.0546 and 0.0590 ms)
+    flipping = verify.with_pairs(SideBySide(10.0, 9.9, 10.0, 15), (ApartPair(math.log(1.1), 0.0546, 0.0590),) * 8)
+    assert flipping.verified_ms == pytest.approx((0.0546, 0.0546 / 1.1))
     unsure = verify.with_pairs(SideBySide(10.0, 9.8, 10.0, 15), timed_pairs(*(1.005,) * 8))
     assert not unsure.significant() and unsure.verified_speedup == pytest.approx(10.0 / 9.8)
     assert unsure.verified_ms == (10.0, 9.8)
