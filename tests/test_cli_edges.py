@@ -145,6 +145,31 @@ def test_float_inputs_nobody_configured_are_named_with_an_accuracy_budget(tmp_pa
     assert len(said) == 1
 
 
+def test_integer_inputs_nobody_configured_are_named_with_an_accuracy_budget():
+    """Token ids nobody configured are filled with 0 or 1: a T5-style encoder kept its budget
+    there and missed it on ids in [0, 100). Booleans (both values drawn) are not named."""
+    from onnx import TensorProto, helper
+
+    from adaptopt.adapt.loop import note_assumed_inputs
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8]),
+              helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 8])]
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+                               helper.make_node("Cast", ["keep"], ["k"], to=TensorProto.FLOAT),
+                               helper.make_node("Mul", ["f", "k"], ["y"])], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    said: list[str] = []
+    report = {"settings": {}}
+    note_assumed_inputs(model, Config(), 0.99, True, report, said.append)
+    assert report["settings"]["inputs_assumed"] == {"inputs": [], "values": "uniform01", "integer_inputs": ["ids"],
+                                                    "integer_values": "0 or 1"}
+    assert len(said) == 1 and "ids filled with 0 or 1" in said[0] and "keep" not in said[0]
+    report = {"settings": {}}
+    note_assumed_inputs(model, Config(inputs={"ids": InputSpec(values="range", value_range=(0, 100))}), 0.99, True,
+                        report, said.append)
+    assert "inputs_assumed" not in report["settings"]
+
+
 def test_an_unusable_measurement_cache_is_said_once(tmp_path):
     """ADAPTOPT_CACHE_DIR naming a file: the run works in memory (it did, silently)."""
     import os

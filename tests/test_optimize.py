@@ -649,6 +649,50 @@ def test_a_fixed_sequence_that_changes_nothing_writes_the_original_and_says_so(t
     assert "no pass of the sequence changed the model; the output is the original" in result.report["result"]["message"]
 
 
+def test_a_pass_that_fails_in_a_fixed_sequence_is_skipped_and_reported(tmp_path, resnet_model, fast_config,
+                                                                        monkeypatch):
+    """ORT's quantizer raised on an empty batch under --passes quantize_static_qdq: an internal
+    error (exit 1) there, a recorded pass error in the search."""
+    from adaptopt.passes.registry import get_pass
+
+    def fails(self, model, ctx):
+        raise ValueError("Quantization parameters are not specified for param x.")
+    monkeypatch.setattr(type(get_pass("fuse_conv_bn")), "apply", fails)
+    save_model(resnet_model, tmp_path / "m.onnx")
+    result = api.optimize(tmp_path / "m.onnx", fast_config, passes=["fuse_conv_bn"], allow_slower=True)
+    assert not result.improved and result.model.graph.node == resnet_model.graph.node
+    assert "(fuse_conv_bn failed: see the report)" in result.report["result"]["message"]
+    assert result.report["passes"] == [{"name": "fuse_conv_bn", "modified": False, "changes": {},
+                                        "error": "fuse_conv_bn: ValueError: Quantization parameters are not "
+                                                 "specified for param x."}]
+
+
+def test_leaves_left_unsearched_are_not_extracted(tmp_path, fast_config):
+    """A tensor shape inference cannot type (GroupNormalization at opset 21) between two
+    leaves: with the budget spent before the search, the run failed as bad input (exit 2)
+    while extracting leaves it had not searched; it writes the verified pre-pass or the original."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.ones(8, np.float32), "scale"),
+               numpy_helper.from_array(np.zeros(8, np.float32), "bias"),
+               numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["c", "scale", "bias"], ["gn"], num_groups=2),
+             helper.make_node("Relu", ["gn"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c2"], ["s"]),
+             helper.make_node("Mul", ["c2", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "gn21", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    save_model(model, tmp_path / "m.onnx")
+    result = api.optimize(tmp_path / "m.onnx", fast_config, budget_s=0.001)
+    assert result.report["leaves"] == []  # the budget was spent before the search
+    assert "no subgraph rewrite was confirmed" in result.report["result"]["message"]
+
+
 def test_a_slower_model_kept_by_allow_slower_is_not_called_a_verified_speedup(tmp_path, resnet_model, fast_config,
                                                                              monkeypatch):
     from adaptopt.adapt import assemble

@@ -137,6 +137,9 @@ def confirmed(ctx, assembly: Assembly, skeleton: onnx.ModelProto, model: onnx.Mo
     return final if kept else None
 
 
+NO_LEAF_KEPT = "no subgraph rewrite was confirmed faster and passed the end-to-end checks"
+
+
 def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.ModelProto,
                      reference: Mapping[str, np.ndarray], budget: float, allow_slower: bool,
                      say: Callable[[str], None], base: Base) -> Assembly:
@@ -150,6 +153,8 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
                        **check.to_dict(), "kept": check.significant(MIN_LEAF_GAIN)})
         if check.significant(MIN_LEAF_GAIN):
             accepted[sid] = plans[sid].result.sequence
+    if not accepted:  # (the leaves are not even extracted: unsearched, their tensors may be untyped)
+        return _fallback(base, skeleton, ctx, reference, events, NO_LEAF_KEPT)
     leaves = tree.leaves()
     originals = {s.id: extract_range(ctx.index, s.start, s.stop, name=f"sg_{s.id}") for s in leaves}
 
@@ -167,8 +172,8 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
         tolerance = budget if lossy(chosen) else 0.0
         return check_everywhere(skeleton, model, ctx.feeds, reference, ctx.config, tolerance), model, models
 
-    validation, candidate, models = check(accepted) if accepted else (None, None, {})
-    if accepted and not validation.ok:
+    validation, candidate, models = check(accepted)
+    if not validation.ok:
         events.append({"event": "rollback", "why": validation.reason, "leaves": "searching for the culprits"})
         say(f"end-to-end check failed ({validation.reason[:200]}); keeping only rewrites that pass together")
         order = sorted(accepted, key=lambda sid: (-leaf_gain(plans[sid]), sid))
@@ -177,8 +182,7 @@ def _assemble_leaves(ctx, tree: PartitionTree, plans: dict, skeleton: onnx.Model
         if accepted:
             validation, candidate, models = check(accepted)
     if not accepted:
-        return _fallback(base, skeleton, ctx, reference, events, "no subgraph rewrite was confirmed faster and "
-                         "passed the end-to-end checks")
+        return _fallback(base, skeleton, ctx, reference, events, NO_LEAF_KEPT)
     # (3) speed, side by side
     for attempt in range(MAX_SPEED_ROLLBACKS + 1):
         side = timed(ctx, skeleton, candidate)
@@ -250,24 +254,41 @@ def check_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], refer
 
 def other_shape_candidates(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
                            ) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds at other sizes of the dynamic dims, to try in order: every dim moved (1 -> 2,
-    n -> n // 2), then each named dim alone. Dims tied by arithmetic break the first: a
-    KV-cache decoder's mask is past + seq long, and past 0 / seq 8 / mask 8 became
-    1 / 4 / 4, which the original refuses, so nothing was checked at another size; moving
-    ``batch`` alone still runs."""
+    """Feeds at other sizes of the dynamic dims, to try in order (:func:`_sized_candidates`)."""
+    for _moved_names, candidate in _sized_candidates(skeleton, feeds):
+        yield candidate
+
+
+def _sized_candidates(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+                      ) -> Iterator[tuple[frozenset[str], dict[str, np.ndarray]]]:
+    """(the named dims moved, feeds): every dim moved (1 -> 2, n -> n // 2), then each named
+    dim alone, then every dim one larger, then each two named dims one larger together.
+    Dims tied by arithmetic break the first: a KV-cache decoder's mask is past + seq long,
+    and past 0 / seq 8 / mask 8 became 1 / 4 / 4, which the original refuses; moving
+    ``batch`` alone still runs, and past and mask one larger together (0 / 8 / 8 -> 1 / 8 / 9)."""
     dynamic = dynamic_inputs(skeleton)
     if not dynamic:
         return
     inputs = [vi for vi in model_inputs(skeleton) if vi.name in dynamic]
     names = list(dict.fromkeys(d.dim_param for vi in inputs for d in vi.type.tensor_type.shape.dim if d.dim_param))
-    yield _moved(inputs, feeds, lambda name: True)
-    for name in names if len(names) > 1 else ():
-        yield _moved(inputs, feeds, lambda dim_name, name=name: dim_name == name)
+    every = frozenset(names)
+    yield every, _moved(inputs, feeds, lambda name: True)
+    if len(names) < 2:
+        return
+    for name in names:
+        yield frozenset({name}), _moved(inputs, feeds, lambda dim_name, name=name: dim_name == name)
+    yield every, _moved(inputs, feeds, lambda name: True, grow=True)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            pair = frozenset({first, second})
+            yield pair, _moved(inputs, feeds, lambda dim_name, pair=pair: dim_name in pair, grow=True)
 
 
-def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str], bool]) -> dict[str, np.ndarray]:
+def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str], bool],
+           grow: bool = False) -> dict[str, np.ndarray]:
     """``feeds`` with the dynamic dims that ``moves(dim_param)`` at another size (unnamed ones
-    move with every dim); each value tiled/cropped from the reference feed, so its range stays."""
+    move with every dim): one larger when ``grow``, else 1 -> 2 and n -> n // 2; each value
+    tiled/cropped from the reference feed, so its range stays."""
     out = dict(feeds)
     for vi in inputs:
         value = feeds[vi.name]
@@ -276,7 +297,8 @@ def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str],
         for i, d in enumerate(value.shape):
             fixed = i < len(dims) and dims[i].HasField("dim_value") and dims[i].dim_value > 0
             moving = not fixed and moves(dims[i].dim_param if i < len(dims) else "")
-            shape.append((2 if d == 1 else max(1, d // 2)) if moving else d)
+            other = d + 1 if grow else 2 if d == 1 else max(1, d // 2)
+            shape.append(other if moving else d)
         if value.size == 0:  # an empty feed (a zero-length past, say) has no values to tile
             out[vi.name] = np.zeros(shape, value.dtype)
             continue
@@ -287,10 +309,11 @@ def _moved(inputs: list, feeds: Mapping[str, np.ndarray], moves: Callable[[str],
 
 def other_size_check(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
                      ) -> tuple[dict | None, bool]:
-    """The other-size feeds rewrites are checked at, and whether the original runs there
-    (False: no size tried works, and only the configured shapes are checked)."""
-    alt, reference = _other_shape_reference(skeleton, feeds, config)
-    return (alt if reference is not None else None), reference is not None
+    """The first other-size feeds rewrites are checked at (leaves are captured at them), and
+    whether the original runs there (False: no size tried works, and only the configured
+    shapes are checked)."""
+    sizes = _other_shape_references(skeleton, feeds, config)
+    return (sizes[0][0] if sizes else None), bool(sizes)
 
 
 _per_run: dict = {}  # (what, model digest, feeds digest, target) -> the value: the last run's only
@@ -309,21 +332,25 @@ def _remembered(what: str, skeleton: onnx.ModelProto, feeds: Mapping[str, np.nda
     return _per_run[key]
 
 
-def _other_shape_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
-                           ) -> tuple[dict | None, dict | None]:
-    """The other-size feeds and the original's outputs on them (None, None when the model is
-    static; reference None when the original runs at no size tried)."""
+def _other_shape_references(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarray], config: Config
+                            ) -> list[tuple[dict, dict]]:
+    """(other-size feeds, the original's outputs on them) for sizes the original runs at,
+    together moving every named dynamic dim (a size that moves no dim not yet moved is not
+    tried); empty when the model is static or runs at no size tried. A GPT-2 decoder step
+    optimized at past 0 was checked with only its batch moved: a fold of the causal mask
+    baked in seq and past, and the written model ran at no other seq or past."""
     def compute():
-        alt = reference = session = None
-        for candidate in other_shape_candidates(skeleton, feeds):  # the first size the original runs at
-            alt = candidate
+        sizes, covered, session = [], frozenset(), None
+        for moved, candidate in _sized_candidates(skeleton, feeds):
+            if sizes and moved <= covered:
+                continue
             try:
                 session = session or make_session(skeleton, config.target, level="all")
-                reference = run(session, candidate)
-                break
+                sizes.append((candidate, run(session, candidate)))
             except ort_errors():
-                reference = None
-        return alt, reference
+                continue
+            covered |= moved
+        return sizes
     return _remembered("other sizes", skeleton, feeds, config, compute)
 
 
@@ -382,15 +409,15 @@ def _held_out_reference(skeleton: onnx.ModelProto, feeds: Mapping[str, np.ndarra
 
 def check_other_shapes(skeleton: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                        config: Config, budget: float = 0.0) -> Validation:
-    """A rewrite must not specialise a dynamic model to the profiled shapes (same tolerance or budget)."""
-    alt, reference = _other_shape_reference(skeleton, feeds, config)
-    if alt is None or reference is None:  # static, or the original itself does not run at other sizes
-        return Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)
-    result = check_outputs(candidate, alt, reference, config, budget)
-    if result.ok:
-        return result
-    return Validation(False, result.mode, result.threshold, result.max_abs_diff, result.max_relative_diff,
-                      result.min_cosine, f"at other input sizes: {result.reason}")
+    """A rewrite must not specialise a dynamic model to the profiled shapes (same tolerance
+    or budget), at each size of :func:`_other_shape_references`."""
+    result = Validation(True, "exact", 0.0, 0.0, 0.0, 1.0)  # static, or the original runs at no other size
+    for alt, reference in _other_shape_references(skeleton, feeds, config):
+        result = check_outputs(candidate, alt, reference, config, budget)
+        if not result.ok:
+            return Validation(False, result.mode, result.threshold, result.max_abs_diff, result.max_relative_diff,
+                              result.min_cosine, f"at other input sizes: {result.reason}")
+    return result
 
 
 def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candidate: onnx.ModelProto,

@@ -21,7 +21,7 @@ from adaptopt.adapt.granularity import adapt_round, search_leaves
 from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
 from adaptopt.budget import Deadline
 from adaptopt.config import Config
-from adaptopt.graph.capture import capture, make_inputs, unconfigured_float_inputs
+from adaptopt.graph.capture import capture, make_inputs, unconfigured_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.io import dynamic_inputs
 from adaptopt.graph.partition import PartitionTree, partition
@@ -205,17 +205,25 @@ def note_cache_trouble(cache: MeasurementCache, unusable_at_start: str | None, r
 
 def note_assumed_inputs(model: onnx.ModelProto, config: Config, budget: float, improved: bool, report: dict,
                         say: Callable[[str], None]) -> None:
-    """With an accuracy budget, say which float inputs were generated uniform in [0, 1) because
-    nothing was configured: the cosine is checked there. (A sweep: an int8 MatMul model kept
-    0.99995 on [0, 1) inputs and 0.68 on standard-normal ones.) Report ``settings.inputs_assumed``."""
-    assumed = unconfigured_float_inputs(model, config) if budget > 0 else []
+    """With an accuracy budget, say which inputs were generated because nothing was configured
+    (floats uniform in [0, 1), integers 0 or 1): the cosine is checked there. (Sweeps: an int8
+    MatMul model kept 0.99995 on [0, 1) inputs and 0.68 on standard-normal ones; a T5-style
+    encoder checked on token ids 0 and 1 kept 0.9999, and 0.998-0.9989 on ids in [0, 100).)
+    Report ``settings.inputs_assumed``."""
+    assumed = unconfigured_inputs(model, config) if budget > 0 else {}
     if not assumed:
         return
-    report["settings"]["inputs_assumed"] = {"inputs": assumed, "values": "uniform01"}
+    floats = [name for name, fill in assumed.items() if fill == "uniform01"]
+    integers = [name for name, fill in assumed.items() if fill != "uniform01"]
+    report["settings"]["inputs_assumed"] = {"inputs": floats, "values": "uniform01",
+                                            **({"integer_inputs": integers, "integer_values": "0 or 1"}
+                                               if integers else {})}
     if improved:
-        say(f"warning: the accuracy budget was checked on generated inputs: {', '.join(assumed)} filled uniform "
-            "in [0, 1) (no values: in the config); on other value ranges the cosine can be lower: configure the "
-            "inputs' values or give real ones (inputs_file)")
+        filled = ([f"{', '.join(floats)} filled uniform in [0, 1)"] if floats else []) + \
+                 ([f"{', '.join(integers)} filled with 0 or 1"] if integers else [])
+        say(f"warning: the accuracy budget was checked on generated inputs: {'; '.join(filled)} (no values: in "
+            "the config); on other values the cosine can be lower: configure the inputs' values (token ids: "
+            "values: {range: [0, vocab]}) or give real ones (inputs_file)")
 
 
 def leaf_counters(ctx: RunContext, plans: dict, accepted: dict) -> tuple[dict[str, dict], list[str]]:
@@ -277,23 +285,33 @@ def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, 
     Like the pre-pass, the passes run on the user's own signature (dynamic dims kept), so
     nothing they fold can bake in the profiled sizes, and the result keeps that signature."""
     from adaptopt.adapt.assemble import verify_candidate
-    from adaptopt.passes.base import PassContext
-    from adaptopt.passes.registry import run_sequence
+    from adaptopt.passes.base import PassContext, apply_guarded
     clock.stage("passes")
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=budget, seed=config.policy.seed)
-    candidate, results = run_sequence(inferred_copy(skeleton, "--passes"), list(options.passes), ctx)
+    candidate, steps = inferred_copy(skeleton, "--passes"), []
+    for p in select_passes(config, options.passes, budget):
+        # a pass that fails on this model (ORT's quantizer on an empty batch, say) is skipped and
+        # reported, as in the search, not an internal error of the run
+        result, error = apply_guarded(p, candidate, ctx)
+        steps.append({"name": p.name, "modified": bool(result and result.modified),
+                      "changes": result.changes if result else {}, **({"error": error} if error else {})})
+        if error and options.log:
+            options.log(f"warning: {error}; the pass is skipped")
+        candidate = result.model if result else candidate
     candidate = with_signature(candidate, skeleton)
     lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
     clock.stage("verify")
-    if any(r.modified for r in results):
+    if any(step["modified"] for step in steps):
         assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,
                                     options.allow_slower)
     else:  # nothing to verify or keep, --allow-slower or not
         from adaptopt.adapt.assemble import original_written
-        assembly = original_written(skeleton, feeds, config, "no pass of the sequence changed the model")
+        failed = [step["name"] for step in steps if "error" in step]
+        assembly = original_written(skeleton, feeds, config, "no pass of the sequence changed the model"
+                                    + (f" ({', '.join(failed)} failed: see the report)" if failed else ""))
     clock.stage("done")
     from adaptopt.report.optimize import fixed_sequence_report
-    report = fixed_sequence_report(model, config, list(options.passes), results, assembly, clock.seconds, budget)
+    report = fixed_sequence_report(model, config, list(options.passes), steps, assembly, clock.seconds, budget)
     note_assumed_inputs(model, config, budget if lossy else 0.0, assembly.improved, report,
                         options.log or (lambda message: None))
     return finalize(assembly, report, None)

@@ -69,18 +69,24 @@ def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype, so_far: int)
                          f"the inputs may take at most a quarter of this machine's memory ({limit / (1 << 30):.1f} GiB)")
 
 
-def unconfigured_float_inputs(model: onnx.ModelProto, config: Config) -> list[str]:
-    """Float inputs whose values nobody configured (no ``values:``, no ``inputs_file``): they
-    are filled uniform in [0, 1), which is what a lossy rewrite's accuracy is checked on."""
+def unconfigured_inputs(model: onnx.ModelProto, config: Config) -> dict[str, str]:
+    """Inputs whose values nobody configured (no ``values:``, no ``inputs_file``), and what they
+    are filled with (:func:`fill`), which is what a lossy rewrite's accuracy is checked on:
+    floats "uniform01" (uniform in [0, 1)), integers "0 or 1" (booleans, drawn from both of
+    their values, are not listed)."""
     if config.inputs_file:
-        return []
-    names = []
+        return {}
+    out = {}
     for vi in model_inputs(model):
         spec = config.inputs.get(vi.name, InputSpec())
         dtype = _input_dtype(vi, spec)
-        if spec.values is None and np.issubdtype(dtype, np.floating):
-            names.append(vi.name)
-    return names
+        if spec.values is not None or dtype == np.bool_:
+            continue
+        if np.issubdtype(dtype, np.floating):
+            out[vi.name] = "uniform01"
+        elif np.issubdtype(dtype, np.integer):
+            out[vi.name] = "0 or 1"
+    return out
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:

@@ -325,7 +325,8 @@ def draw_like(rng: np.random.Generator, value: np.ndarray) -> np.ndarray:
         if not np.isfinite(value).all():
             return value  # a mask of -inf: noise would make it NaN
         spread = float(value.std(dtype=np.float64)) * NOISE_SCALE
-        noisy = value + (rng.standard_normal(value.shape) * spread).astype(value.dtype)
+        with np.errstate(over="ignore"):  # a mask fill of -3.4e38 plus noise: -inf, clipped back below
+            noisy = value + (rng.standard_normal(value.shape) * spread).astype(value.dtype)
         return np.clip(noisy, value.min(), value.max()).astype(value.dtype)
     if np.issubdtype(value.dtype, np.integer) and value.ndim >= 2:
         return rng.integers(int(value.min()), int(value.max()) + 1, value.shape).astype(value.dtype)

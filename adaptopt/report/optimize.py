@@ -113,7 +113,8 @@ def build_report(model: onnx.ModelProto, config, machine, tree, plans, history, 
     }
 
 
-def fixed_sequence_report(model, config, passes, results, assembly, stages, budget) -> dict:
+def fixed_sequence_report(model, config, passes, steps: list[dict], assembly, stages, budget) -> dict:
+    """``steps``: each pass's {"name", "modified", "changes"} and its "error" when it failed (skipped)."""
     return {
         "schema_version": OPTIMIZE_SCHEMA_VERSION,
         "kind": "optimize-fixed-sequence",
@@ -121,7 +122,7 @@ def fixed_sequence_report(model, config, passes, results, assembly, stages, budg
         "target": {"execution_providers": list(config.target.execution_providers), "threads": config.target.threads,
                    "resolved_providers": resolve_providers(config.target)},
         "settings": {"passes": passes, "accuracy_budget": budget},
-        "passes": [{"name": name, "modified": r.modified, "changes": r.changes} for name, r in zip(passes, results)],
+        "passes": steps,
         "result": _result(assembly),
         "events": assembly.events,
         "stages_s": stages,
