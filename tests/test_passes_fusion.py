@@ -85,6 +85,23 @@ def test_matmul_add_becomes_gemm(bert_model, bert_config):
     assert_rewrites("fuse_matmul_add", model, random_feeds(model), {"Gemm": 1, "MatMul": -1, "Add": -1})
 
 
+def test_matmul_add_with_a_dynamic_batch_becomes_gemm():
+    """A 2-D MLP input [N, 8] (a dynamic batch): Gemm takes it as it is, at any batch; a bias
+    that would broadcast the output to rank 3 is left alone."""
+    from adaptopt.runtime import make_session, run
+    from tests.test_passes_support import CPU, apply
+    w, b = rng_array([8, 5]), rng_array([5])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 5])], [const("w", w), const("b", b)])
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    result = assert_rewrites("fuse_matmul_add", model, feeds, {"Gemm": 1, "MatMul": -1, "Add": -1})
+    x = np.random.default_rng(1).standard_normal((7, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(make_session(result.model, CPU), {"x": x})["y"], x @ w + b, rtol=1e-5, atol=1e-5)
+    wide = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", [1, "N", 5])],
+                      [const("w", w), const("b", rng_array([1, 1, 5]))])
+    assert not apply("fuse_matmul_add", wide, feeds).modified
+
+
 def test_matmul_add_is_a_noop_without_constant_weights():
     nodes = [helper.make_node("MatMul", ["x", "x"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
     model = make_model(nodes, [tensor("x", [4, 4])], [tensor("y", [4, 4])], [const("b", rng_array([4]))])

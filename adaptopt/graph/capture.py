@@ -37,9 +37,9 @@ def make_inputs(model: onnx.ModelProto, config: Config, seed: int = 0) -> dict[s
         shape = spec.shape if spec.shape is not None else static_shape(vi)
         if shape is None:
             dims = _dims_text(vi)
-            raise InputError(f"input '{vi.name}' has dynamic dims {dims}: give its shape in the config's "
-                             f"inputs: or with --input-shape {vi.name}=" + "x".join(
-                                 str(d) if isinstance(d, int) else "N" for d in _dims(vi)))
+            example = "x".join(str(d) if isinstance(d, int) else "N" for d in _dims(vi))
+            raise InputError(f"input '{vi.name}' has dynamic dims {dims}: give its shape with --input-shape "
+                             f"{vi.name}={example}, or as inputs: {{{vi.name}: {{shape: [...]}}}} in the config")
         dtype = _input_dtype(vi, spec)
         _check_size(vi.name, tuple(shape), dtype, sum(f.nbytes for f in feeds.values()))
         feeds[vi.name] = fill(rng, tuple(shape), dtype, spec)

@@ -200,6 +200,16 @@ class GraphEditor:
             return None
         return tuple(d.dim_value for d in dims)
 
+    def rank(self, name: str) -> int | None:
+        """Rank from value infos or constants (dims may be symbolic); None when unknown."""
+        value = self.const(name)
+        if value is not None:
+            return value.ndim
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return len(vi.type.tensor_type.shape.dim)
+
     def elem_type(self, name: str) -> int | None:
         value = self.const(name)
         if value is not None:

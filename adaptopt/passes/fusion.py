@@ -243,15 +243,19 @@ class FuseMatMulAddPass(RulePass):
             add = ed.sole_consumer(mm.output[0])
             split = split_const(ed, add) if add is not None and add.op_type == "Add" else None
             a_shape, out_shape = ed.shape(mm.input[0]), ed.shape(add.output[0]) if add is not None else None
-            if (w is None or w.ndim != 2 or split is None or split[0] != mm.output[0] or a_shape is None
-                    or len(a_shape) < 2 or ed.is_const(mm.input[0]) or w.dtype != split[1].dtype):
+            # a 2-D A with a dynamic dim (a batch), and an output of rank 2: Gemm takes it as it is
+            dynamic_2d = (split is not None and a_shape is None and ed.rank(mm.input[0]) == 2
+                          and ed.rank(add.output[0]) == 2)
+            if (w is None or w.ndim != 2 or split is None or split[0] != mm.output[0]
+                    or (a_shape is None and not dynamic_2d) or (a_shape is not None and len(a_shape) < 2)
+                    or ed.is_const(mm.input[0]) or w.dtype != split[1].dtype):
                 continue
             bias = split[1]
             if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]) or bias.shape[-1:] not in ((w.shape[1],), (1,), ()):
                 continue
-            if out_shape != tuple(a_shape[:-1]) + (w.shape[1],):
+            if not dynamic_2d and out_shape != tuple(a_shape[:-1]) + (w.shape[1],):
                 continue
-            self._replace(ed, mm, add, w, bias.reshape(-1), a_shape, out_shape)
+            self._replace(ed, mm, add, w, bias.reshape(-1), a_shape or (None, None), out_shape)
             count += 1
         return count
 
