@@ -42,6 +42,20 @@ def test_conv_bn_folds_batch_norm(resnet_model):
     assert_rewrites("fuse_conv_bn", model, feeds_for(model), {"BatchNormalization": -6})
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_conv_bn_folds_into_a_conv_transpose(group):
+    """A grouped ConvTranspose's weight is [C_in, C_out / group, k, k]: output channel
+    g * C_out / group + j is column j of group g's rows (a sweep's segmentation head kept its
+    BatchNormalization after a grouped ConvTranspose)."""
+    rng = np.random.default_rng(group)
+    stats = [const(name, rng.uniform(0.5, 1.5, 8).astype(np.float32)) for name in ("scale", "shift", "mean", "var")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2], group=group),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"])]
+    model = make_model(nodes, [tensor("x", [1, 4, 5, 5])], [tensor("y", [1, 8, 11, 11])],
+                       [const("w", rng_array([4, 8 // group, 3, 3], group)), *stats])
+    assert_rewrites("fuse_conv_bn", model, random_feeds(model), {"BatchNormalization": -1})
+
+
 def test_conv_bn_is_a_noop_without_batch_norm():
     assert_noop("fuse_conv_bn", paddle_block())
 

@@ -1,7 +1,7 @@
 """Kernel fusion into Conv / Gemm (compute, exact).
 
 - ``fuse_conv_bn``: ``BatchNormalization(Conv(X, W, B))`` -> ``Conv(X, W', B')``
-  (also ``ConvTranspose`` with group 1).
+  (also ``ConvTranspose``, grouped or not).
 - ``fuse_conv_affine``: ``Mul(Conv(X), c)`` / ``Add(Conv(X), c)`` with ``c`` constant per
   output channel -> ``Conv`` with scaled weights / shifted bias; and ``Conv(Mul(X, a))`` /
   ``Conv(Add(X, b))`` with per-input-channel constants -> ``Conv`` (the Add only for an
@@ -43,15 +43,14 @@ def _conv_params(ed: GraphEditor, conv: onnx.NodeProto) -> tuple[np.ndarray, np.
     w = ed.const(conv.input[1])
     if w is None or w.dtype != np.float32 or ed.is_const(conv.input[0]):
         return None
-    out_axis = 0 if conv.op_type == "Conv" else 1
-    if conv.op_type == "ConvTranspose" and attr(conv, "group", 1) != 1:
-        return None
+    # a ConvTranspose weight is [C_in, C_out / group, k...]
+    outputs = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * attr(conv, "group", 1)
     if len(conv.input) > 2 and conv.input[2]:
         b = ed.const(conv.input[2])
         if b is None:
             return None
     else:
-        b = np.zeros(w.shape[out_axis], np.float32)
+        b = np.zeros(outputs, np.float32)
     return w, b
 
 
@@ -63,9 +62,13 @@ def _set_conv_params(ed: GraphEditor, conv: onnx.NodeProto, w: np.ndarray, b: np
 
 
 def _scale_out(conv: onnx.NodeProto, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w`` with each output channel scaled by ``scale``'s entry (a grouped ConvTranspose's
+    output channel g * C_out / group + j is column j of the rows of group g)."""
     if conv.op_type == "Conv":
         return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    return w * scale.reshape((1, -1) + (1,) * (w.ndim - 2))
+    group, per_group = attr(conv, "group", 1), w.shape[1]
+    grouped = w.reshape((group, w.shape[0] // group, per_group) + w.shape[2:])
+    return (grouped * scale.reshape((group, 1, per_group) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
 def _take_output(ed: GraphEditor, conv: onnx.NodeProto, follower: onnx.NodeProto) -> None:
