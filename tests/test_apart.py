@@ -437,3 +437,19 @@ def test_the_summary_reports_the_verified_speedup_and_its_latencies():
     assert data["speedup"] == pytest.approx(1.05) and data["speedup_in_process"] == pytest.approx(1.0101, abs=1e-4)
     assert data["latency_ms"]["optimized"] == pytest.approx(10.0 / 1.05, abs=1e-4)
     assert data["verified_by"] == "timed apart"
+
+
+def test_a_cached_timing_that_needs_pairs_apart_gets_them(tmp_path, monkeypatch):
+    """A side-by-side entry read back without pairs is timed apart when its caller's band
+    asks for it (a pre-pass at 0.97x in one process: ``apart_from`` 0.95), not otherwise."""
+    model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
+    config = Config(profiling=ProfilingConfig(apart_pairs=5))
+    cache = MeasurementCache(tmp_path, "fp")
+    key = cache.key(assemble.pair_key(model, model, {}), (), kind="side-by-side")
+    cache.put(key, original_ms=9.7, candidate_ms=10.0, aa_ms=9.7, rounds=15, apart=None,
+              apart_kind=assemble.apart_kind(config.profiling))
+    monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: pytest.fail("re-timed in one process"))
+    calls = count_apart(monkeypatch, 1.05)
+    assert not assemble.cached_side_by_side(cache, config, model, model, {}).significant() and calls == []
+    side = assemble.cached_side_by_side(cache, config, model, model, {}, apart_from=0.95)
+    assert calls == [5] and side.agreed_apart() and side.verified_speedup == pytest.approx(1.05)

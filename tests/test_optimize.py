@@ -723,18 +723,15 @@ def _prepass_timed(monkeypatch, in_process: float, apart_ratio: float | None):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    from adaptopt.adapt import assemble
     seen = {}
 
-    def fake_side(*_args, more_until=None, **_kwargs):
-        seen["side"] = more_until
-        return SideBySide(1.0, 1.0 / in_process, 1.0, 5)
-
-    def fake_apart(*args):
-        seen["apart"] = args[-1]
+    def fake_apart(cache, config, original, candidate, feeds, more_until, in_budget):
+        seen["apart"] = more_until
         return (ApartPair(math.log(apart_ratio), 1.0, 1.0 / apart_ratio),) * 8
 
-    monkeypatch.setattr(prepass_module, "cached_side_by_side", fake_side)
-    monkeypatch.setattr(prepass_module, "timed_apart", fake_apart)
+    monkeypatch.setattr(assemble, "steady_side_by_side", lambda *a, **k: SideBySide(1.0, 1.0 / in_process, 1.0, 5))
+    monkeypatch.setattr(assemble, "timed_apart", fake_apart)
     monkeypatch.setattr(prepass_module, "_step_verdict", lambda *args: "")
     feeds = {"x": np.ones((2, 8), np.float32)}
     deadline, search = Deadline(100.0), Deadline(200.0)
@@ -748,7 +745,7 @@ def test_the_pre_pass_times_a_small_gain_apart_only_within_its_own_time(monkeypa
     and no leaf was searched: its later batches of pairs now stop at the end of the search's
     time, not of the whole budget."""
     pre, seen, search = _prepass_timed(monkeypatch, 1.0, 1.0)
-    assert pre.applied and seen["side"] is search and seen["apart"] is search and not pre.kept
+    assert pre.applied and seen["apart"] is search and not pre.kept
 
 
 @pytest.mark.parametrize("in_process, apart_ratio, timed_apart, kept", [

@@ -424,14 +424,14 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
                         feeds: Mapping[str, np.ndarray], rounds: int = 15, purpose: str = "",
                         settle_gains: bool = True, max_seconds: float = 60.0,
                         more_until: Deadline | None = None, apart_in_budget: bool = False,
-                        floor: float = MIN_MODEL_GAIN) -> SideBySide:
+                        floor: float = MIN_MODEL_GAIN, apart_from: float = 1.0) -> SideBySide:
     """Side-by-side timing, cached by both models' digests (same seed + cache => same decision).
 
     A different ``purpose`` is a separate, independent measurement of the same pair
     (a confirmation must not read back the run it confirms). ``settle_gains``: see
     :func:`steady_side_by_side` (off for callers that only ask whether it is slower); with
     it, a gain of 1-3% is also timed apart (:func:`settle_small_gain`; ``more_until``: see
-    :func:`timed_apart`)."""
+    :func:`timed_apart`; ``apart_from``: a speedup under 1 down to which it is timed apart too)."""
     target = config.target
     key = cache.key(pair_key(original, candidate, feeds), (), kind=f"side-by-side{purpose}")
     entry = cache.get(key, original_ms=(int, float), candidate_ms=(int, float), aa_ms=(int, float), rounds=int)
@@ -442,16 +442,18 @@ def cached_side_by_side(cache, config: Config, original: onnx.ModelProto, candid
         side = SideBySide(entry["original_ms"], entry["candidate_ms"], entry["aa_ms"], entry["rounds"],
                           apart=tuple(pairs) if isinstance(pairs, list) else None,
                           apart_ms=tuple(ms) if isinstance(ms, list) and len(ms) == 2 else None)
-        if side.apart is None or entry.get("apart_kind") == kind:
+        if side.apart is not None and entry.get("apart_kind") != kind:
+            # pairs timed apart another way (other pairs or seconds, one process after the other:
+            # 5-6x noisier, or without their latencies), written by an earlier version: time them again
+            side = replace(side, apart=None, apart_ms=None)
+        elif side.apart is not None or not (settle_gains and side.needs_apart(floor, apart_from)):
             return side
-        # pairs timed apart another way (other pairs or seconds, one process after the other:
-        # 5-6x noisier, or without their latencies), written by an earlier version: time them again
-        side = replace(side, apart=None, apart_ms=None)
     else:
         side = steady_side_by_side(original, candidate, feeds, target, rounds, settle_gains=settle_gains,
                                    max_seconds=max_seconds)
     if settle_gains:
-        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget, floor)
+        side = settle_small_gain(side, cache, config, original, candidate, feeds, more_until, apart_in_budget, floor,
+                                 apart_from)
     cache.put(key, original_ms=side.original_ms, candidate_ms=side.candidate_ms, aa_ms=side.aa_ms, rounds=side.rounds,
               apart=None if side.apart is None else list(side.apart),
               apart_ms=None if side.apart_ms is None else list(side.apart_ms), apart_kind=kind)
@@ -511,9 +513,10 @@ def apart_kind(profiling) -> str:
 def settle_small_gain(side: SideBySide, cache, config: Config, original: onnx.ModelProto,
                       candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                       more_until: Deadline | None = None, apart_in_budget: bool = False,
-                      floor: float = MIN_MODEL_GAIN) -> SideBySide:
-    """``side`` with its pairs timed apart when its gain is one of 1-3% (:meth:`SideBySide.needs_apart`)."""
-    if not side.needs_apart(floor):
+                      floor: float = MIN_MODEL_GAIN, apart_from: float = 1.0) -> SideBySide:
+    """``side`` with its pairs timed apart when its gain is one of 1-3%, or inside the noise
+    (:meth:`SideBySide.needs_apart`; down to ``apart_from`` when that is under 1)."""
+    if not side.needs_apart(floor, apart_from):
         return side
     return with_pairs(side, timed_apart(cache, config, original, candidate, feeds, more_until, apart_in_budget))
 

@@ -20,8 +20,8 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere, timed_apart, verify_seconds
-from adaptopt.adapt.verify import SideBySide, with_pairs
+from adaptopt.adapt.assemble import cached_side_by_side, check_everywhere, verify_seconds
+from adaptopt.adapt.verify import SideBySide
 from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.io import dynamic_inputs, forget_body_shapes
@@ -152,11 +152,8 @@ def prepass(model: onnx.ModelProto, skeleton: onnx.ModelProto, passes: list, con
     # (``settle_until``), not the whole budget's: on a 5-node model a 1.004x pre-pass took 24
     # pairs (54 s of a 60 s budget) and no leaf was searched; the pre-pass's own time alone
     # would leave a slow model's small gain a single batch
-    settle_until = settle_until or deadline
-    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=settle_until,
-                                   max_seconds=verify_seconds(deadline))
-    if not pre.side.significant() and pre.side.apart is None and pre.side.speedup >= APART_FROM:
-        pre.side = with_pairs(pre.side, timed_apart(cache, config, skeleton, signed, feeds, settle_until))
+    pre.side = cached_side_by_side(cache, config, skeleton, signed, feeds, more_until=settle_until or deadline,
+                                   max_seconds=verify_seconds(deadline), apart_from=APART_FROM)
     if not pre.side.significant():
         pre.reason = f"not faster beyond the A/A noise (speedup {pre.side.describe()})"
         return pre

@@ -103,12 +103,13 @@ class SideBySide:
         0.972x in the next (roberta, make bench), and a user runs it alone."""
         return math.log(self.speedup) > max(2.0 * self.noise, floor) or self.agreed_apart()
 
-    def needs_apart(self, floor: float = MIN_MODEL_GAIN) -> bool:
-        """Faster in one process, but by less than ``floor`` or not beyond its noise:
-        the pairs timed apart decide. (convnext's exact passes measured 1.017-1.054x in one
-        process over several runs, at times inside the noise, and 1.020-1.035x apart.)"""
+    def needs_apart(self, floor: float = MIN_MODEL_GAIN, lowest: float = 1.0) -> bool:
+        """Faster in one process (or, with ``lowest`` under 1, slower by no more than that),
+        but by less than ``floor`` or not beyond its noise: the pairs timed apart decide.
+        (convnext's exact passes measured 1.017-1.054x in one process over several runs, at
+        times inside the noise, and 1.020-1.035x apart.)"""
         gain = math.log(self.speedup)
-        return self.apart is None and 0.0 < gain and not gain > max(2.0 * self.noise, floor)
+        return self.apart is None and math.log(lowest) < gain and not gain > max(2.0 * self.noise, floor)
 
     def agreed_apart(self) -> bool:
         """:func:`apart_agrees` on the pairs timed apart (False when none were)."""
