@@ -201,7 +201,8 @@ def test_timings_are_cached_per_input_shape_and_apart_setting():
 
 
 def test_cached_pairs_without_latencies_are_timed_again(monkeypatch):
-    """Pairs an earlier version cached as bare ratios carry no latencies to report: timed again."""
+    """Pairs cached as bare ratios (as before pairs carried latencies; that cache kind is no
+    longer read, and a malformed entry under this one is not trusted) are timed again."""
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     config = Config(profiling=ProfilingConfig(apart_pairs=5))
     cache = MeasurementCache(None, "fp")

@@ -633,12 +633,23 @@ def kept_message(side: SideBySide, faster: bool) -> str:
     return f"kept as --allow-slower asks, not verified faster: {side.describe()}"
 
 
+def headline(assembly: Assembly) -> tuple[float, float | None, float | None]:
+    """(speedup, original ms, output ms) a run reports: the written model's verified timing
+    (:attr:`SideBySide.verified_speedup`); 1.0 and the original's latency twice when the
+    original is written."""
+    side = assembly.side
+    if side is None:
+        return 1.0, None, None
+    original_ms, candidate_ms = side.verified_ms
+    if not assembly.improved:
+        return 1.0, original_ms, original_ms
+    return side.verified_speedup, original_ms, candidate_ms
+
+
 def finalize(assembly: Assembly, report: dict, tree: PartitionTree | None):
     from adaptopt.adapt.loop import OptimizeResult
-    side = assembly.side
-    original_ms, candidate_ms = side.verified_ms if side else (None, None)
-    latency = {"original": original_ms, "optimized": candidate_ms if assembly.improved else original_ms}
-    speedup = side.verified_speedup if (side and assembly.improved) else 1.0
+    speedup, original_ms, output_ms = headline(assembly)
+    latency = {"original": original_ms, "optimized": output_ms}
     accuracy = {"max_abs_diff": assembly.validation.max_abs_diff, "min_cosine": assembly.validation.min_cosine}
     return OptimizeResult(assembly.model, assembly.improved, speedup, latency, accuracy, report, tree,
                           assembly.leaf_models)

@@ -288,8 +288,9 @@ def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, 
     from adaptopt.passes.base import PassContext, apply_guarded
     clock.stage("passes")
     ctx = PassContext(target=config.target, feeds=feeds, accuracy_budget=budget, seed=config.policy.seed)
+    passes = select_passes(config, options.passes, budget)
     candidate, steps = inferred_copy(skeleton, "--passes"), []
-    for p in select_passes(config, options.passes, budget):
+    for p in passes:
         # a pass that fails on this model (ORT's quantizer on an empty batch, say) is skipped and
         # reported, as in the search, not an internal error of the run
         result, error = apply_guarded(p, candidate, ctx)
@@ -299,7 +300,7 @@ def _fixed_sequence(model, skeleton, config, options, feeds, reference, budget, 
             options.log(f"warning: {error}; the pass is skipped")
         candidate = result.model if result else candidate
     candidate = with_signature(candidate, skeleton)
-    lossy = any(p.guarantee == "lossy" for p in select_passes(config, options.passes, budget))
+    lossy = any(p.guarantee == "lossy" for p in passes)
     clock.stage("verify")
     if any(step["modified"] for step in steps):
         assembly = verify_candidate(model, skeleton, candidate, feeds, reference, config, budget if lossy else 0.0,

@@ -187,28 +187,25 @@ class GraphEditor:
     def is_const(self, name: str) -> bool:
         return self.const(name) is not None
 
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        """Static shape from value infos or constants; None when any dim is unknown."""
+    def _dims(self, name: str) -> tuple[int | None, ...] | None:
+        """Each dim from constants or value infos (None: symbolic or unknown); None when the rank is unknown."""
         value = self.const(name)
         if value is not None:
             return tuple(value.shape)
         vi = self.value_info.get(name)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             return None
-        dims = vi.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            return None
-        return tuple(d.dim_value for d in dims)
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Static shape from value infos or constants; None when any dim is unknown."""
+        dims = self._dims(name)
+        return None if dims is None or None in dims else dims
 
     def rank(self, name: str) -> int | None:
         """Rank from value infos or constants (dims may be symbolic); None when unknown."""
-        value = self.const(name)
-        if value is not None:
-            return value.ndim
-        vi = self.value_info.get(name)
-        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            return None
-        return len(vi.type.tensor_type.shape.dim)
+        dims = self._dims(name)
+        return None if dims is None else len(dims)
 
     def elem_type(self, name: str) -> int | None:
         value = self.const(name)
