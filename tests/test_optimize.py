@@ -269,6 +269,10 @@ class _CrashOnFusedMeasurer:
         self._guard(model)
         return self.inner.time(model, feeds)
 
+    def time_pair(self, baseline, candidate, feeds):
+        self._guard(candidate)
+        return self.inner.time_pair(baseline, candidate, feeds)
+
     def close(self):
         self.inner.close()
 

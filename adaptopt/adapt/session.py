@@ -38,6 +38,15 @@ def time_on_target(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarra
     return time_model(model, dict(feeds), config.target, config.profiling, level="all")
 
 
+def time_pair_on_target(baseline: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes,
+                        feeds: Mapping[str, np.ndarray], config: Config):
+    """``candidate`` timed against ``baseline`` round by round (``verify.paired_timing``)."""
+    from adaptopt.adapt.verify import paired_timing
+    models = [onnx.load_model_from_string(m) if isinstance(m, bytes) else m for m in (baseline, candidate)]
+    return paired_timing(models[0], models[1], dict(feeds), config.target,
+                         max_seconds=2 * config.profiling.max_time_s)
+
+
 class InProcessMeasurer:
     """Runs and times subgraphs in this process (one session each, shared thread pool)."""
 
@@ -49,6 +58,9 @@ class InProcessMeasurer:
 
     def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
         return time_on_target(model, feeds, self.config)
+
+    def time_pair(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
+        return time_pair_on_target(baseline, candidate, feeds, self.config)
 
     def close(self) -> None:
         pass
@@ -71,8 +83,9 @@ class IsolatedMeasurer:
         # weights kept on disk reach the worker as the same checked files (never re-read unchecked)
         self.worker = Worker(initializer=trust_kept_files, initargs=(kept_files(),), name="adaptopt-measure")
 
-    def _call(self, fn, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
-        return self.worker.call(fn, model.SerializeToString(), dict(feeds), self.config,
+    def _call(self, fn, *models_then_feeds):
+        *models, feeds = models_then_feeds
+        return self.worker.call(fn, *(m.SerializeToString() for m in models), dict(feeds), self.config,
                                 timeout=self.config.profiling.timeout_s)
 
     def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,6 +93,9 @@ class IsolatedMeasurer:
 
     def time(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
         return self._call(time_on_target, model, feeds)
+
+    def time_pair(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
+        return self._call(time_pair_on_target, baseline, candidate, feeds)
 
     def close(self) -> None:
         self.worker.close()

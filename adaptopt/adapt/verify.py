@@ -52,6 +52,8 @@ APART_MAX_S = 120.0  # pairs started after this are skipped (too few pairs: not 
 # (a ViT 1.18x vs 1.17-1.20x, a GPT-2 decode step 1.08x vs 1.08x).
 MIN_ROUND_S = 0.01
 MAX_RUNS_PER_ROUND = 200
+# rounds of a subgraph rewrite timed against its original during the search (paired_timing)
+PAIR_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,16 @@ def interleaved_medians(models: Mapping[str, onnx.ModelProto | bytes | str], fee
 def interleaved_samples(models: Mapping[str, onnx.ModelProto | bytes | str], feeds: Mapping[str, np.ndarray],
                         target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
                         max_seconds: float = 60.0) -> dict[str, list[float]]:
-    """Every latency (ms) of each model, timed round-robin (see :func:`interleaved_medians`).
+    """Every latency (ms) of each model, timed round-robin (see :func:`interleaved_medians`)."""
+    per_round = interleaved_rounds(models, feeds, target, rounds, runs_per_round, max_seconds)
+    return {name: [ms for one in values for ms in one] for name, values in per_round.items()}
+
+
+def interleaved_rounds(models: Mapping[str, onnx.ModelProto | bytes | str], feeds: Mapping[str, np.ndarray],
+                       target: TargetConfig, rounds: int = 15, runs_per_round: int = 3,
+                       max_seconds: float = 60.0) -> dict[str, list[list[float]]]:
+    """The latencies (ms) of each model round by round, timed round-robin (the order flips
+    every round); at least 3 rounds, more while ``max_seconds`` lasts.
 
     ``runs_per_round`` is raised so that each model runs at least ``MIN_ROUND_S`` a round."""
     sessions = {name: make_session(m, target, level="all") for name, m in models.items()}
@@ -197,18 +208,46 @@ def interleaved_samples(models: Mapping[str, onnx.ModelProto | bytes | str], fee
             count += 1
         per_run.append((time.perf_counter() - start) / count)
     runs_per_round = max(runs_per_round, min(MAX_RUNS_PER_ROUND, math.ceil(MIN_ROUND_S / max(min(per_run), 1e-6))))
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    samples: dict[str, list[list[float]]] = {name: [] for name in sessions}
     deadline = time.perf_counter() + max_seconds
     for r in range(rounds):
         order = list(sessions) if r % 2 == 0 else list(reversed(sessions))
         for name in order:
+            this_round = []
             for _ in range(runs_per_round):
                 start = time.perf_counter()
                 sessions[name].run(None, inputs[name])
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                this_round.append((time.perf_counter() - start) * 1e3)
+            samples[name].append(this_round)
         if time.perf_counter() > deadline and r >= 2:
             break
     return samples
+
+
+class PairedTiming(NamedTuple):
+    """A candidate timed against its baseline, round by round in one process."""
+
+    ratio: float  # candidate / baseline: the median over rounds of the rounds' median ratio
+    baseline_ms: float  # each model's median over all its runs
+    candidate_ms: float
+
+
+def paired_timing(baseline: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes,
+                  feeds: Mapping[str, np.ndarray], target: TargetConfig, rounds: int = PAIR_ROUNDS,
+                  max_seconds: float = 2.0) -> PairedTiming:
+    """``candidate`` against ``baseline``, interleaved (:func:`interleaved_rounds`).
+
+    Each round's ratio compares runs a few ms apart, so drift between the two is cancelled
+    and the median over rounds ignores a disturbed round. Timed alone at different times, the
+    same bert_small leaf differed from its first timing by up to 49% (rms 0.02-0.42 in log
+    over 10 timings, 8 leaves); paired with itself over 5 rounds, rms 0.005-0.024."""
+    per_round = interleaved_rounds({"baseline": baseline, "candidate": candidate}, feeds, target,
+                                   rounds=rounds, max_seconds=max_seconds)
+    logs = [math.log(statistics.median(c) / statistics.median(b))
+            for b, c in zip(per_round["baseline"], per_round["candidate"])]
+    flat = {name: [ms for one in values for ms in one] for name, values in per_round.items()}
+    return PairedTiming(math.exp(statistics.median(logs)), statistics.median(flat["baseline"]),
+                        statistics.median(flat["candidate"]))
 
 
 def side_by_side(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
