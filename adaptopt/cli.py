@@ -228,7 +228,8 @@ def passes_command(as_json: bool) -> None:
               help="Random seed (default: the config's policy.seed).")
 @click.option("--budget", "budget_s", type=FiniteFloatRange(min=1.0), default=None, help="Time budget in seconds.")
 @click.option("--require-speedup", type=FiniteFloatRange(min=0.0, min_open=True), default=None,
-              help="Exit 3 if the verified speedup is below X (X > 0): the lower of the one-process and the timed-apart speedup.")
+              help="Exit 3 if the verified speedup is below X (X > 0): the one timed apart in fresh processes when its "
+                   "pairs agreed, else the lower of that and the one-process speedup.")
 @click.option("--keep-subgraphs", type=click.Path(file_okay=False), default=None,
               help="Write the partition tree with the chosen rewrites (adaptopt merge DIR rebuilds).")
 @click.option("--passes", "pass_list", default=None, help="Apply this fixed pass sequence (a,b,c) to the whole model instead of the search "
