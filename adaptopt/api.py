@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from adaptopt.config import Config
+from adaptopt.errors import about_model
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.io import (
@@ -49,11 +50,12 @@ def split(source: str | Path, directory: str | Path, config: Config | None = Non
     The files are cut at the config's input shapes; the root file, from which ``merge``
     takes the merged model's signature, keeps the model's own (dynamic dims stay dynamic)."""
     config = config or Config()
-    model, signature = load_model_and_signature(source, config)
-    tree = build_tree(model, config, granularity)
-    with atomic_directory(directory) as staging:  # all files or none (issue 7)
-        manifest = write_tree(tree, staging, source=str(source), feeds=try_make_inputs(model, config),
-                              signature=signature)
+    with about_model(source):
+        model, signature = load_model_and_signature(source, config)
+        tree = build_tree(model, config, granularity)
+        with atomic_directory(directory) as staging:  # all files or none (issue 7)
+            manifest = write_tree(tree, staging, source=str(source), feeds=try_make_inputs(model, config),
+                                  signature=signature)
     return SplitResult(tree, manifest, Path(directory))
 
 
@@ -75,9 +77,10 @@ def profile(source: str | Path, config: Config | None = None, granularity: int |
     """
     from adaptopt.profile import profile_model
     config = config or Config()
-    model, signature = load_model_and_signature(source, config)
-    name = "<stdin>" if str(source) == "-" else str(source)
-    return profile_model(model, config, granularity, name=name, signature=signature)
+    with about_model(source):
+        model, signature = load_model_and_signature(source, config)
+        name = "<stdin>" if str(source) == "-" else str(source)
+        return profile_model(model, config, granularity, name=name, signature=signature)
 
 
 def hal_status(config: Config | None = None, recalibrate: bool = False) -> dict:
@@ -173,12 +176,13 @@ def optimize(source: str | Path, config: Config | None = None, *, passes: list[s
         raise ConfigError(f"{'--keep-subgraphs' if keep_subgraphs is not None else '--policy'} needs the search: "
                           "--passes applies a fixed sequence to the whole model (no partition tree, no Q-table)")
     from adaptopt.graph.functions import inlined
-    given = load_model(source, config.replace(inputs={}), infer=False)
-    skeleton = inlined(given, log or (lambda message: None))  # passes see inside model-local functions
-    model = pinned_copy(skeleton, config, str(source))
-    options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
-                              allow_slower, progress, log)
-    result = optimize_model(model, skeleton, config, options)
+    with about_model(source):
+        given = load_model(source, config.replace(inputs={}), infer=False)
+        skeleton = inlined(given, log or (lambda message: None))  # passes see inside model-local functions
+        model = pinned_copy(skeleton, config, str(source))
+        options = OptimizeOptions(tuple(passes) if passes else None, accuracy_budget, seed, budget_s, qtable,
+                                  allow_slower, progress, log)
+        result = optimize_model(model, skeleton, config, options)
     if result.model is skeleton:  # the original is written: as given, its functions not inlined
         result.model = given
     if keep_subgraphs is not None and result.tree is not None:

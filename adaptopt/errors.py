@@ -6,6 +6,7 @@ the CLI maps it to its exit code. Anything else is a bug (exit 1).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -24,6 +25,24 @@ class AdaptoptError(Exception):
 
 class InputError(AdaptoptError):
     """A model, a file or an argument that cannot be used (exit 2)."""
+
+
+class ModelError(InputError):
+    """What the model holds cannot be run, typed or shaped (exit 2). Raised deep in the
+    pipeline, where the file is not known; :func:`about_model` names it."""
+
+
+@contextmanager
+def about_model(source) -> None:
+    """Prefix a :class:`ModelError` raised inside with the model's file name (``<stdin>`` for
+    ``-``), as every other message about a file starts."""
+    name = "<stdin>" if str(source) == "-" else str(source)
+    try:
+        yield
+    except ModelError as exc:
+        if str(exc).startswith(f"{name}: "):
+            raise
+        raise ModelError(f"{name}: {exc}") from None
 
 
 class ConfigError(InputError):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from adaptopt.config import TargetConfig
-from adaptopt.errors import InputError
+from adaptopt.errors import InputError, ModelError
 
 # IR version of the models adaptopt builds itself (examples, probes, calibration models):
 # not onnx's newest, which an onnx package newer than the installed ONNX Runtime would
@@ -171,7 +171,7 @@ def model_session_config(model: onnx.ModelProto) -> dict:
             try:
                 options = json.loads(prop.value).get("session_options", {})
             except (json.JSONDecodeError, AttributeError):
-                raise InputError("the model's ort_config metadata is not valid JSON") from None
+                raise ModelError("the model's ort_config metadata is not valid JSON") from None
             return {k: v for k, v in options.items() if k in _MODEL_OPTIONS}
     return {}
 

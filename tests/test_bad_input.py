@@ -358,3 +358,24 @@ def test_calibration_and_measurements_share_one_cache_folder(tmp_path, monkeypat
     monkeypatch.setenv("ADAPTOPT_CACHE_DIR", str(tmp_path / "env"))
     assert resolve_cache_dir() == tmp_path / "env"
     assert resolve_cache_dir(str(tmp_path / "configured")) == tmp_path / "configured"
+
+
+@pytest.mark.parametrize("command", ["profile", "optimize"])
+@pytest.mark.parametrize("kind, expect", [("dynamic", "has dynamic dims"), ("fails", "reference run failed")])
+def test_a_model_refused_deep_in_the_pipeline_is_named(tmp_path, command, kind, expect):
+    """Errors about what the model holds, found after loading (no shape for a dynamic dim,
+    a run that fails), start with the model's file like every other message about it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    dims = ["n"] if kind == "dynamic" else [4]
+    index = numpy_helper.from_array(np.array([10], np.int64), "index")  # out of range: fails at run time
+    graph = helper.make_graph([helper.make_node("Gather" if kind == "fails" else "Relu",
+                                                ["x", "index"] if kind == "fails" else ["x"], ["y"])],
+                              "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims if kind == "dynamic" else [1])],
+                              [index] if kind == "fails" else [])
+    case, out = case_folder(tmp_path)
+    path = case / "deep.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    line = assert_refused(command_args(command, path, out), case, out, expect)
+    assert line.startswith(f"adaptopt: error: {path}: "), line

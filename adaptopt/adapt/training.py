@@ -22,6 +22,7 @@ import onnx
 
 from adaptopt.adapt.loop import prepare_run, q_settings
 from adaptopt.config import Config
+from adaptopt.errors import about_model
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.partition import partition
@@ -43,15 +44,16 @@ def train(models: Iterable[TrainingModel], table: QTable, accuracy_budget: float
     for item in models:
         started = time.perf_counter()
         config = item.config
-        index = GraphIndex.build(item.model)
-        feeds = make_inputs(item.model, config)
-        ctx, _machine = prepare_run(item.model, index, feeds, config, accuracy_budget)
-        try:
-            tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
-            envs = [ctx.env_for(leaf) for leaf in tree.leaves()]
-            results = q_learning(envs, table, q_settings(config), seed)
-        finally:
-            ctx.measurer.close()
+        with about_model(item.name):
+            index = GraphIndex.build(item.model)
+            feeds = make_inputs(item.model, config)
+            ctx, _machine = prepare_run(item.model, index, feeds, config, accuracy_budget)
+            try:
+                tree = partition(index, config.granularity.initial_granularity, config.granularity.min_nodes)
+                envs = [ctx.env_for(leaf) for leaf in tree.leaves()]
+                results = q_learning(envs, table, q_settings(config), seed)
+            finally:
+                ctx.measurer.close()
         base = sum(r.baseline.time_ms for r in results)
         best = sum(r.outcome.time_ms for r in results)
         row = {"model": item.name, "leaves": len(results), "measurements": sum(r.measurements for r in results),

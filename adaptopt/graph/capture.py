@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from adaptopt.config import Config, InputSpec, TargetConfig
-from adaptopt.errors import InputError
+from adaptopt.errors import InputError, ModelError
 from adaptopt.runtime import make_session, ort_error_line, ort_errors, run
 
 
@@ -38,7 +38,7 @@ def make_inputs(model: onnx.ModelProto, config: Config, seed: int = 0) -> dict[s
         if shape is None:
             dims = _dims_text(vi)
             example = "x".join(str(d) if isinstance(d, int) else "N" for d in _dims(vi))
-            raise InputError(f"input '{vi.name}' has dynamic dims {dims}: give its shape with --input-shape "
+            raise ModelError(f"input '{vi.name}' has dynamic dims {dims}: give its shape with --input-shape "
                              f"{vi.name}={example}, or as inputs: {{{vi.name}: {{shape: [...]}}}} in the config")
         dtype = _input_dtype(vi, spec)
         _check_size(vi.name, tuple(shape), dtype, sum(f.nbytes for f in feeds.values()))
@@ -65,7 +65,7 @@ def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype, so_far: int)
     size = math.prod(shape) * dtype.itemsize
     limit = _memory_bytes() // 4
     if so_far + size > limit:
-        raise InputError(f"input '{name}' of shape {list(shape)} ({dtype}) would take {size / (1 << 30):.1f} GiB: "
+        raise ModelError(f"input '{name}' of shape {list(shape)} ({dtype}) would take {size / (1 << 30):.1f} GiB: "
                          f"the inputs may take at most a quarter of this machine's memory ({limit / (1 << 30):.1f} GiB)")
 
 
@@ -111,11 +111,11 @@ def static_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 
 def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
     if not vi.type.HasField("tensor_type"):
-        raise InputError(f"input '{vi.name}' is not a tensor; adaptopt can only feed tensor inputs")
+        raise ModelError(f"input '{vi.name}' is not a tensor; adaptopt can only feed tensor inputs")
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
     except (KeyError, TypeError, ValueError):
-        raise InputError(f"input '{vi.name}' has an element type adaptopt cannot generate") from None
+        raise ModelError(f"input '{vi.name}' has an element type adaptopt cannot generate") from None
 
 
 def fill(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, spec: InputSpec) -> np.ndarray:
@@ -184,7 +184,7 @@ def capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: It
     unreadable = [o.name for o in probe.graph.output if types.get(o.name) in NO_NUMPY_TYPES]
     if unreadable:
         name = onnx.TensorProto.DataType.Name(types[unreadable[0]]).lower()
-        raise InputError(f"output '{unreadable[0]}' is {name}: numpy has no {name}, so its values cannot be "
+        raise ModelError(f"output '{unreadable[0]}' is {name}: numpy has no {name}, so its values cannot be "
                          "read back and compared")
     wanted = [t for t in dict.fromkeys(tensors)
               if t not in present and t not in feeds and types.get(t) not in NO_NUMPY_TYPES]
@@ -194,7 +194,7 @@ def capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: It
         session = make_session(probe, target, level="disable")
         values = run(session, feeds)
     except ort_errors() as exc:
-        raise InputError(f"reference run failed: {ort_error_line(exc)}") from None
+        raise ModelError(f"reference run failed: {ort_error_line(exc)}") from None
     values.update({k: v for k, v in feeds.items()})
     for name in wanted:
         if name in init_names:

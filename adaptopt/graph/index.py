@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from adaptopt.errors import InputError
+from adaptopt.errors import ModelError
 
 
 # ops whose outputs are random: never a constant, never folded
@@ -598,7 +598,7 @@ def has_type(vi: onnx.ValueInfoProto | None) -> bool:
 def sort_topologically(graph: onnx.GraphProto) -> bool:
     """Reorder ``graph.node`` topologically (stable); True when the order changed.
 
-    Raises InputError naming the node for cycles and reads of undefined tensors.
+    Raises ModelError naming the node for cycles and reads of undefined tensors.
     """
     nodes = graph.node  # not list(): held wrappers cost memory (see NodeOrder)
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | \
@@ -645,10 +645,10 @@ def _topological_order(nodes: list[onnx.NodeProto], inputs: list[tuple[str, ...]
             if not out:
                 continue
             if out in producer:
-                raise InputError(f"tensor '{out}' is produced by two nodes "
+                raise ModelError(f"tensor '{out}' is produced by two nodes "
                                  f"('{nodes[producer[out]].name}' and '{node.name}')")
             if out in available:
-                raise InputError(f"tensor '{out}' is both a graph input/initializer and the output of node "
+                raise ModelError(f"tensor '{out}' is both a graph input/initializer and the output of node "
                                  f"'{node.name}'")
             producer[out] = i
     if _already_sorted(inputs, producer, available):
@@ -660,11 +660,11 @@ def _topological_order(nodes: list[onnx.NodeProto], inputs: list[tuple[str, ...]
             p = producer.get(name)
             if p is None:
                 if name not in available:
-                    raise InputError(f"node '{nodes[i].name}' ({nodes[i].op_type}) reads tensor '{name}', "
+                    raise ModelError(f"node '{nodes[i].name}' ({nodes[i].op_type}) reads tensor '{name}', "
                                      "which no node, input or initializer defines")
                 continue
             if p == i:
-                raise InputError(f"node '{nodes[i].name}' reads its own output '{name}' (a cycle)")
+                raise ModelError(f"node '{nodes[i].name}' reads its own output '{name}' (a cycle)")
             indegree[i] += 1
             dependents[p].append(i)
     ready = [i for i, d in enumerate(indegree) if d == 0]
@@ -679,7 +679,7 @@ def _topological_order(nodes: list[onnx.NodeProto], inputs: list[tuple[str, ...]
                 heapq.heappush(ready, j)
     if len(order) != len(nodes):
         stuck = next(nodes[i].name for i, d in enumerate(indegree) if d > 0)
-        raise InputError(f"the graph has a cycle (node '{stuck}' can never run)")
+        raise ModelError(f"the graph has a cycle (node '{stuck}' can never run)")
     return order
 
 

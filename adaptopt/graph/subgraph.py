@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from adaptopt.errors import InputError
+from adaptopt.errors import ModelError
 from adaptopt.graph.index import GraphIndex, has_type, overridable_initializers
 from adaptopt.graph.io import (
     EXTERNAL_THRESHOLD,
@@ -35,7 +35,7 @@ MANIFEST_VERSION = 1
 def _value_info(index: GraphIndex, name: str) -> onnx.ValueInfoProto:
     vi = index.value_info.get(name)
     if vi is None or not has_type(vi):
-        raise InputError(f"tensor '{name}' has no known type; shape inference could not type it")
+        raise ModelError(f"tensor '{name}' has no known type; shape inference could not type it")
     out = onnx.ValueInfoProto()
     out.CopyFrom(vi)
     return out
@@ -198,7 +198,7 @@ def fill_missing_types(index: GraphIndex, names: Iterable[str], feeds: Mapping[s
         unranked = [o.name for o in session.get_outputs() if o.name in missing and not o.shape]
         values = run(session, feeds, unranked) if unranked and feeds is not None else {}
     except ort_errors() as exc:
-        raise InputError(f"cannot type tensors {missing[:3]}: onnxruntime cannot run the model "
+        raise ModelError(f"cannot type tensors {missing[:3]}: onnxruntime cannot run the model "
                          f"({ort_error_line(exc)})") from None
     for out in session.get_outputs():
         if out.name not in missing:
@@ -206,7 +206,7 @@ def fill_missing_types(index: GraphIndex, names: Iterable[str], feeds: Mapping[s
         shape = out.shape
         if not shape:
             if out.name not in values:
-                raise InputError(f"the rank of tensor '{out.name}' is unknown until the model runs: give the "
+                raise ModelError(f"the rank of tensor '{out.name}' is unknown until the model runs: give the "
                                  "input shapes (config inputs: or --input-shape) so adaptopt can run it once")
             shape = [None] * values[out.name].ndim
         index.set_value_info(out.name, _ort_value_info(out.name, out.type, shape))
@@ -223,7 +223,7 @@ _ORT_TYPES = {
 
 def _ort_value_info(name: str, ort_type: str, shape) -> onnx.ValueInfoProto:
     if ort_type not in _ORT_TYPES:
-        raise InputError(f"tensor '{name}' has type {ort_type}, which adaptopt cannot place on a subgraph boundary")
+        raise ModelError(f"tensor '{name}' has type {ort_type}, which adaptopt cannot place on a subgraph boundary")
     dims = None if shape is None else [d if isinstance(d, int) else (d or None) for d in shape]
     return helper.make_tensor_value_info(name, _ORT_TYPES[ort_type], dims)
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from adaptopt.config import Config, ProfilingConfig, TargetConfig
-from adaptopt.errors import InputError
+from adaptopt.errors import InputError, ModelError
 from adaptopt.hal import analytic, ncu, registry
 from adaptopt.hal.base import Reading
 from adaptopt.profile import node_times
@@ -70,7 +70,7 @@ def _session(model: onnx.ModelProto, target: TargetConfig, level: str, profile_p
     try:
         return make_session(model, target, level=level, profile_prefix=profile_prefix)
     except ort_errors() as exc:
-        raise InputError(f"onnxruntime cannot build a session for {model.graph.name or 'the model'}: "
+        raise ModelError(f"onnxruntime cannot build a session for {model.graph.name or 'the model'}: "
                          f"{ort_error_line(exc)}") from None
 
 
@@ -81,7 +81,7 @@ def bind(session, feeds: Mapping[str, np.ndarray], device: str, outputs: Mapping
     binding = session.io_binding()
     for meta in session.get_inputs():
         if meta.name not in feeds:
-            raise InputError(f"no value for input '{meta.name}' of {session.get_modelmeta().graph_name}")
+            raise ModelError(f"no value for input '{meta.name}' of {session.get_modelmeta().graph_name}")
         value = np.asarray(feeds[meta.name])
         if not value.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
             value = value.copy(order="C")
