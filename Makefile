@@ -36,7 +36,7 @@ prior: $(STAMP)
 demo: $(EXAMPLES)
 	@mkdir -p out
 	$(BIN)/adaptopt profile models/resnet_small.onnx --config configs/cpu.yaml --granularity 2
-	$(BIN)/adaptopt optimize models/resnet_small.onnx --config configs/cpu.yaml --accuracy-budget 0.999 \
+	$(BIN)/adaptopt optimize models/resnet_small.onnx --config configs/resnet_small.yaml --accuracy-budget 0.999 \
 	    -o out/resnet_small.opt.onnx --report out/resnet_small.report.md
 	$(BIN)/adaptopt optimize models/bert_small.onnx --config configs/cpu.yaml \
 	    --input-shape input_ids=1x128 --input-shape attention_mask=1x128 \

@@ -25,7 +25,8 @@ from benchmarks.isolate import REPO
 EXAMPLES_DIR = REPO / "models"
 SHARED_DIR = REPO.parent / "shared" / "models"
 EXAMPLE_INPUTS = {
-    "resnet_small": {},  # static 1x3x96x96
+    # static 1x3x96x96 images in [0, 1): said, so that static quantization is calibrated on them
+    "resnet_small": {"input": {"values": "uniform01"}},
     "bert_small": {
         "input_ids": {"shape": [1, 128], "dtype": "int64", "values": {"range": [0, 2000]}},
         "attention_mask": {"shape": [1, 128], "dtype": "int64", "values": "ones"},

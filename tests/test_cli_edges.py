@@ -214,3 +214,20 @@ def test_a_cache_that_fails_mid_run_is_reported(tmp_path, monkeypatch):
               "accuracy": {"max_abs_diff": 0.0, "min_cosine": 1.0}}
     text = render_markdown({"model": {"name": "m"}, "result": result, **report})
     assert "Note: the measurement cache" in text and "it is a file" in text
+
+
+def test_static_quantization_is_withheld_while_input_values_are_assumed():
+    """Calibrated passes fit ranges to the generated inputs; with any input's values assumed
+    they are not searched unless passes.enabled names them. Dynamic int8 is not withheld."""
+    from adaptopt.adapt.session import select_passes, withhold_calibrated
+    from adaptopt.config import PassesConfig
+    passes = select_passes(Config(), None, 0.99)
+    kept, withheld = withhold_calibrated(passes, Config(), {"x": "uniform01"})
+    names = {p.name for p in kept}
+    assert "quantize_static_qdq" in withheld and "x" in withheld["quantize_static_qdq"]
+    assert "quantize_static_qdq" not in names and "quantize_dynamic_int8" in names
+    assert set(withheld) == {p.name for p in passes if p.calibrated}
+    assert withhold_calibrated(passes, Config(), {}) == (passes, {})  # every input configured
+    named = Config(passes=PassesConfig(enabled=("quantize_static_qdq", "quantize_dynamic_int8")))
+    kept, withheld = withhold_calibrated(select_passes(named, None, 0.99), named, {"x": "uniform01"})
+    assert withheld == {} and "quantize_static_qdq" in {p.name for p in kept}

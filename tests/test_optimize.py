@@ -102,6 +102,28 @@ def test_lossy_passes_only_with_budget(tmp_path, bert_model, fast_config):
     assert "quantize_dynamic_int8" in tried and all("kept" in e or "error" in e for e in tried.values())
 
 
+def test_static_quantization_waits_for_configured_input_values(tmp_path, resnet_model, fast_config):
+    """With an accuracy budget and input values nobody configured, static QDQ (calibrated on
+    those values) is not tried anywhere, and the report says why; configured, it is."""
+    path = tmp_path / "resnet.onnx"
+    save_model(resnet_model, path)
+
+    def tried(report) -> set[str]:
+        searched = {d["action"] for leaf in report["leaves"] for d in leaf["decisions"] if "action" in d}
+        return searched | {e["pass"] for e in report["events"] if e.get("event") == "whole_model"}
+
+    assumed = api.optimize(path, fast_config, accuracy_budget=0.99)
+    assert "quantize_static_qdq" in assumed.report["settings"]["passes_withheld"]
+    assert "quantize_static_qdq" not in tried(assumed.report)
+    assert "quantize_static_qdq" not in assumed.report["settings"]["passes"]
+    _check_promise(resnet_model, assumed, fast_config, budget=0.99)
+    name = resnet_model.graph.input[0].name
+    configured = fast_config.replace(inputs={name: InputSpec(values="uniform01")})
+    said = api.optimize(path, configured, accuracy_budget=0.99)
+    assert "passes_withheld" not in said.report["settings"]
+    assert "quantize_static_qdq" in tried(said.report)
+
+
 @pytest.mark.parametrize("original, candidate, aa, significant, slower, inconclusive", [
     (10.0, 8.0, 10.1, True, False, False),   # 1.25x, A/A 1%: a gain
     (10.0, 9.6, 10.3, False, False, True),   # 1.04x inside a 3% A/A band: re-time it

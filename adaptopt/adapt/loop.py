@@ -18,7 +18,14 @@ from adaptopt.adapt.whole_model import with_whole_model_lossy
 from adaptopt.adapt.prepass import inferred_copy, prepass, with_signature
 from adaptopt.adapt.cache import MeasurementCache, target_fingerprint, target_stamp
 from adaptopt.adapt.granularity import adapt_round, search_leaves
-from adaptopt.adapt.session import RunContext, make_classifier, make_measurer, select_passes, split_by_scope
+from adaptopt.adapt.session import (
+    RunContext,
+    make_classifier,
+    make_measurer,
+    select_passes,
+    split_by_scope,
+    withhold_calibrated,
+)
 from adaptopt.budget import Deadline
 from adaptopt.config import Config
 from adaptopt.graph.capture import capture, make_inputs, unconfigured_inputs
@@ -136,6 +143,9 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     leaves = tree.leaves()
     say(f"{len(index)} nodes in {len(leaves)} leaves; {len(ctx.passes)} subgraph passes, "
         f"{len(ctx.model_passes)} model-level; budget {budget_s:.0f}s")
+    for name, why in ctx.withheld.items():
+        say(f"warning: {name} not tried: it {why} (configure their values: or inputs_file, "
+            f"or name it in passes.enabled)")
 
     clock.stage("policy")
     if "another target" in table_origin:
@@ -183,6 +193,8 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     report["prepass"] = pre.to_dict()
     report["settings"]["policy_start"] = table_origin
     report["settings"]["other_sizes"] = other_sizes
+    if ctx.withheld:
+        report["settings"]["passes_withheld"] = dict(ctx.withheld)
     if unmeasured:
         report["counters_skipped"] = {"leaves": unmeasured, "reason": "time budget spent before their counters ran"}
     note_assumed_inputs(model, config, budget, assembly.improved, report, say)
@@ -253,13 +265,16 @@ def prepare_run(model: onnx.ModelProto, index: GraphIndex, feeds: dict, config: 
     """The shared state of a run: machine calibration, passes, measurement cache, per-node times."""
     from adaptopt.profile.calibrate import machine_profile
     machine = machine_profile(config.target, config.policy.cache_dir)
-    leaf_passes, model_passes = split_by_scope(select_passes(config, None, budget))
+    assumed = unconfigured_inputs(model, config) if budget > 0 else {}
+    passes, withheld = withhold_calibrated(select_passes(config, None, budget), config, assumed)
+    leaf_passes, model_passes = split_by_scope(passes)
     if cache is None:
         cache = MeasurementCache(resolve_cache_dir(config.policy.cache_dir), target_fingerprint(config.target))
     deadline = deadline or Deadline(None)
     ctx = RunContext(config, index, feeds, leaf_passes, cache, make_measurer(config),
                      make_classifier(machine), budget, model_passes=model_passes, deadline=deadline)
     ctx.values.update(feeds)
+    ctx.withheld = withheld
     ctx.node_times_ms = _node_times(model, feeds, config, cache)
     return ctx, machine
 

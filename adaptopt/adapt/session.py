@@ -127,6 +127,24 @@ def select_passes(config: Config, names: tuple[str, ...] | None, budget: float) 
     return [p for p in chosen if p.guarantee == "exact" or budget > 0]
 
 
+def withhold_calibrated(passes: list, config: Config, assumed: Mapping[str, str]) -> tuple[list, dict[str, str]]:
+    """``passes`` less the calibrated ones (static quantization) when some input's values are
+    ``assumed`` (nobody configured them: ``capture.unconfigured_inputs``), unless
+    ``passes.enabled`` names them; and why each one left was withheld.
+
+    Ranges calibrated on generated inputs fit those inputs only. A Whisper-like encoder
+    quantized on the assumed [0, 1) inputs kept cosine 0.9997 there and 0.35-0.66 on signed,
+    log-mel-like ones: a broken model, checked as accurate. Dynamic quantization measures its
+    ranges at run time and is not withheld."""
+    if not assumed:
+        return list(passes), {}
+    named = set(config.passes.enabled)
+    withheld = {p.name: (f"calibrates on the inputs' values, and {', '.join(sorted(assumed))} "
+                         f"{'has' if len(assumed) == 1 else 'have'} none configured")
+                for p in passes if getattr(p, "calibrated", False) and p.name not in named}
+    return [p for p in passes if p.name not in withheld], withheld
+
+
 def split_by_scope(passes: list) -> tuple[list, list]:
     """(passes searched per subgraph, passes decided once on the merged model)."""
     return [p for p in passes if p.scope != "model"], [p for p in passes if p.scope == "model"]
@@ -154,6 +172,7 @@ class RunContext:
     other_inputs: dict[str, np.ndarray] | None = None
     other_values: dict[str, np.ndarray] | None = None
     memory: ModelMemory = field(default_factory=ModelMemory)  # rewritten leaf models kept, all leaves together
+    withheld: dict[str, str] = field(default_factory=dict)  # pass name -> why it is not searched (withhold_calibrated)
 
     def expired(self) -> bool:
         return self.deadline.expired()

@@ -105,6 +105,10 @@ class Pass(ABC):
     # True: searched only when named (passes.enabled, --passes); for passes whose effect
     # a plain ONNX Runtime user does not get by loading the model (see passes/buffers.py)
     opt_in: ClassVar[bool] = False
+    # True: the rewrite fits constants to the activations of ``ctx.feeds`` (static quantization
+    # ranges), so it is only as good as those inputs are like the real ones; with an input
+    # nobody configured it runs only when named (session.withhold_calibrated)
+    calibrated: ClassVar[bool] = False
 
     def applies(self, model: onnx.ModelProto, ctx: PassContext) -> Applicability:
         """Does this pass have anything to do on ``model`` for ``ctx.target``?"""

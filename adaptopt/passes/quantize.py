@@ -158,6 +158,7 @@ class QuantizeStaticPass(Pass):
     name = "quantize_static_qdq"
     category = "compute"
     guarantee = "lossy"
+    calibrated = True
     description = ("Static QDQ int8 (u8 activations, s8 per-channel weights) calibrated on the captured feeds "
                    "and seeded draws like them")
 

@@ -147,6 +147,8 @@ def render_markdown(report: dict) -> str:
                   ""]
     if report.get("cache_unusable"):
         lines += [f"Note: the {report['cache_unusable']}.", ""]
+    for name, why in (report.get("settings", {}).get("passes_withheld") or {}).items():
+        lines += [f"Not tried: `{name}`: it {why}.", ""]
     if report.get("machine"):
         m = report["machine"]
         lines += [f"Machine: {m['peak_gflops']} GFLOP/s peak, {m['bandwidth_gbs']} GB/s, session overhead "
