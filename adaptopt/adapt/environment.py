@@ -307,7 +307,7 @@ class SubgraphEnv:
 
         Timed alone, each at its own time, a candidate was compared with an original timed
         once at the start, and drift between the two read as a gain or a loss: the same
-        bert_small leaf came out up to 49% apart from its first timing (rms in log 0.02-0.42
+        bert_small leaf came out up to 1.6x apart from its first timing (rms in log 0.02-0.42
         over 8 leaves). Paired round by round with itself, rms 0.005-0.024, at about twice the
         time per measurement."""
         base = self.evaluate(())

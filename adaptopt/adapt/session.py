@@ -139,8 +139,7 @@ def withhold_calibrated(passes: list, config: Config, assumed: Mapping[str, str]
     if not assumed:
         return list(passes), {}
     named = set(config.passes.enabled)
-    withheld = {p.name: (f"calibrates on the inputs' values, and {', '.join(sorted(assumed))} "
-                         f"{'has' if len(assumed) == 1 else 'have'} none configured")
+    withheld = {p.name: f"calibrates on the inputs' values, and none are configured for {', '.join(sorted(assumed))}"
                 for p in passes if getattr(p, "calibrated", False) and p.name not in named}
     return [p for p in passes if p.name not in withheld], withheld
 

@@ -239,7 +239,7 @@ def paired_timing(baseline: onnx.ModelProto | bytes, candidate: onnx.ModelProto 
 
     Each round's ratio compares runs a few ms apart, so drift between the two is cancelled
     and the median over rounds ignores a disturbed round. Timed alone at different times, the
-    same bert_small leaf differed from its first timing by up to 49% (rms 0.02-0.42 in log
+    same bert_small leaf differed from its first timing by up to 1.6x (rms 0.02-0.42 in log
     over 10 timings, 8 leaves); paired with itself over 5 rounds, rms 0.005-0.024."""
     per_round = interleaved_rounds({"baseline": baseline, "candidate": candidate}, feeds, target,
                                    rounds=rounds, max_seconds=max_seconds)
