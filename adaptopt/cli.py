@@ -274,10 +274,7 @@ def optimize(model: str, output: str | None, report_path: str | None, qtable: st
     click.echo(summary["message"], err=True)
     if as_json:
         click.echo(json.dumps(summary))
-    # the gate holds on the verified speedup (timed apart when those pairs agreed); on a model
-    # kept by --allow-slower whose pairs apart did not agree, on the lower of both timings
-    agreed = (result.report["result"].get("apart") or {}).get("agreed")
-    verified = result.speedup if agreed else min(x for x in (result.speedup, summary["speedup_apart"]) if x is not None)
+    verified = result.gated_speedup
     if require_speedup is not None and verified < require_speedup:
         raise GateNotMet(f"verified speedup {verified:.3f}x is below --require-speedup {require_speedup} "
                          f"(the model was written to {output})")

@@ -338,18 +338,17 @@ def test_weights_kept_on_disk_are_timed_apart_and_folded(tmp_path, monkeypatch):
     (3.16, False, "2.5", 3), (3.16, False, "2.0", 0),
 ])
 def test_require_speedup_holds_on_the_speedup_timed_apart_too(tmp_path, monkeypatch, speedup, agreed, wanted, code):
-    from types import SimpleNamespace
-
     from click.testing import CliRunner
 
     from adaptopt import api
+    from adaptopt.adapt.loop import OptimizeResult
     from adaptopt.cli import cli
     from adaptopt.graph.io import save_model
     model = build_resnet(image=16, widths=(4,), blocks=1, classes=3)
     save_model(model, tmp_path / "m.onnx")
     report = {"result": {"message": "verified", "apart": {"speedup": 2.27, "pairs": [2.27] * 5, "agreed": agreed}}}
-    fake = SimpleNamespace(model=model, report=report, speedup=speedup, improved=True,
-                           latency_ms={"original": 3.16, "optimized": 1.0}, accuracy={})
+    fake = OptimizeResult(model=model, report=report, speedup=speedup, improved=True,
+                          latency_ms={"original": 3.16, "optimized": 1.0}, accuracy={})
     monkeypatch.setattr(api, "optimize", lambda *a, **k: fake)
     done = CliRunner().invoke(cli, ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
                                     "--require-speedup", wanted])

@@ -62,6 +62,16 @@ class OptimizeResult:
     tree: PartitionTree | None = None
     leaf_models: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
+    @property
+    def gated_speedup(self) -> float:
+        """What ``--require-speedup`` holds on: the verified speedup (timed apart when those
+        pairs agreed); for a model kept by ``--allow-slower`` whose pairs apart did not agree,
+        the lower of it and their median."""
+        apart = self.report["result"].get("apart") or {}
+        if not self.improved or apart.get("agreed") or apart.get("speedup") is None:
+            return self.speedup
+        return min(self.speedup, apart["speedup"])
+
 
 class StageClock:
     def __init__(self) -> None:
