@@ -785,3 +785,14 @@ def test_a_pre_pass_within_a_few_percent_of_even_is_timed_apart(monkeypatch, in_
     assert ("apart" in seen) is timed_apart and pre.kept is kept
     if kept:
         assert pre.reason.startswith("verified speedup 1.090x timed apart in 8 pairs of processes (agreed; 0.972x")
+
+
+def test_a_pre_pass_kept_on_its_one_process_timing_is_not_called_verified(monkeypatch):
+    """Kept on a clear gain in one process, the pre-pass is timed apart only when the model
+    to be written is decided: until then the run does not call it verified."""
+    pre, seen, _ = _prepass_timed(monkeypatch, 1.2, None)
+    assert pre.kept and "apart" not in seen
+    assert pre.progress_line().startswith("whole-model exact passes: faster side by side in one process, 1.200x")
+    assert "verified" not in pre.progress_line()
+    agreed, _, _ = _prepass_timed(monkeypatch, 0.972, 1.09)
+    assert agreed.progress_line().startswith("whole-model exact passes: verified speedup 1.090x timed apart")

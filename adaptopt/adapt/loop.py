@@ -133,7 +133,7 @@ def optimize_model(model: onnx.ModelProto, skeleton: onnx.ModelProto, config: Co
     unusable_at_start = cache.unusable  # the CLI has said it (warn_if_cache_unusable)
     pre = prepass(model, skeleton, select_passes(config, None, 0.0), config, feeds, reference, cache,
                   prepass_deadline, settle_until=deadline)
-    say(f"whole-model exact passes: {pre.reason}")
+    say(pre.progress_line())
     work = with_signature(pre.model, skeleton)
     base = Base(work, pre.side, f"whole-model exact passes: {pre.reason}") if pre.kept else None
 
