@@ -44,15 +44,18 @@ class PrePass:
         not yet verified: its pairs apart come when the model to be written is decided (the
         demo's bert_small said "verified speedup 1.035x" here, then wrote the original when
         its pairs apart measured 0.997x)."""
+        return f"whole-model exact passes: {self.said_reason()}"
+
+    def said_reason(self) -> str:
+        """:attr:`reason` as the run and its report say it (see :meth:`progress_line`)."""
         if self.kept and not self.side.agreed_apart():
-            return (f"whole-model exact passes: faster side by side in one process, {self.side.describe()}; "
-                    "timed apart before a model is written")
-        return f"whole-model exact passes: {self.reason}"
+            return f"faster side by side in one process, {self.side.describe()}; timed apart before a model is written"
+        return self.reason
 
     def to_dict(self) -> dict:
         return {"kept": self.kept, "applied": self.applied, "dropped": self.dropped, "errors": self.errors,
                 "untimed": self.untimed,
-                "reason": self.reason, "side_by_side": self.side.to_dict() if self.side else None}
+                "reason": self.said_reason(), "side_by_side": self.side.to_dict() if self.side else None}
 
 
 def with_signature(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
