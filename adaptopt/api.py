@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from adaptopt.config import Config
-from adaptopt.errors import about_model
+from adaptopt.errors import about_model, source_name
 from adaptopt.graph.capture import make_inputs
 from adaptopt.graph.index import GraphIndex
 from adaptopt.graph.io import (
@@ -79,8 +79,7 @@ def profile(source: str | Path, config: Config | None = None, granularity: int |
     config = config or Config()
     with about_model(source):
         model, signature = load_model_and_signature(source, config)
-        name = "<stdin>" if str(source) == "-" else str(source)
-        return profile_model(model, config, granularity, name=name, signature=signature)
+        return profile_model(model, config, granularity, name=source_name(source), signature=signature)
 
 
 def hal_status(config: Config | None = None, recalibrate: bool = False) -> dict:

@@ -32,11 +32,16 @@ class ModelError(InputError):
     pipeline, where the file is not known; :func:`about_model` names it."""
 
 
+def source_name(source) -> str:
+    """How messages and reports name a model source: its path, ``<stdin>`` for ``-``."""
+    return "<stdin>" if str(source) == "-" else str(source)
+
+
 @contextmanager
 def about_model(source) -> None:
-    """Prefix a :class:`ModelError` raised inside with the model's file name (``<stdin>`` for
-    ``-``), as every other message about a file starts."""
-    name = "<stdin>" if str(source) == "-" else str(source)
+    """Prefix a :class:`ModelError` raised inside with the model's :func:`source_name`, as
+    every other message about a file starts."""
+    name = source_name(source)
     try:
         yield
     except ModelError as exc:

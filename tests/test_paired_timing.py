@@ -54,7 +54,7 @@ class _FixedTimes:
 
     def time_pair(self, baseline, candidate, feeds):
         self.pairs.append((baseline, candidate))
-        return SimpleNamespace(ratio=self.ratio)
+        return self.ratio
 
     def close(self):
         self.inner.close()
@@ -89,10 +89,23 @@ def test_a_rewrite_is_timed_against_the_original_and_cached_as_a_share_of_it(tmp
     measurer.close()
 
 
-def test_paired_timing_runs_both_models_round_by_round(fast_config):  # noqa: F811
-    model = api.pinned_copy(_mlp(), fast_config, "mlp")
-    pair = paired_timing(model, model, make_inputs(model, fast_config), fast_config.target, rounds=3,
-                         max_seconds=0.5)
-    assert pair.baseline_ms > 0 and pair.candidate_ms > 0
-    # the same model against itself: the ratio is a median of per-round ratios, near 1 on any machine
-    assert 0.5 < pair.ratio < 2.0
+def _matmul_chain(layers: int, width: int = 256) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / width).astype(np.float32), f"w{i}")
+             for i in range(layers)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"],
+                              ["y" if i == layers - 1 else f"h{i + 1}"]) for i in range(layers)]
+    graph = helper.make_graph(nodes, f"chain{layers}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_paired_timing_is_the_candidates_share_of_the_baseline(fast_config):  # noqa: F811
+    """16 MatMuls against 1 (16x the work): the ratio is candidate over baseline, well above 1,
+    and the other way round well below (each a median of per-round ratios)."""
+    light, heavy = _matmul_chain(1), _matmul_chain(16)
+    feeds = {"x": np.ones((64, 256), np.float32)}
+    slower = paired_timing(light, heavy, feeds, fast_config.target, rounds=3, max_seconds=1.0)
+    faster = paired_timing(heavy, light, feeds, fast_config.target, rounds=3, max_seconds=1.0)
+    assert slower > 3.0 and faster < 1 / 3.0

@@ -37,17 +37,13 @@ class Measurer(Protocol):
         """Median (and spread) of the model's latency on the target."""
 
     def time_pair(self, baseline: onnx.ModelProto, candidate: onnx.ModelProto,
-                  feeds: Mapping[str, np.ndarray]) -> "PairLike":
-        """``candidate`` timed against ``baseline``, interleaved round by round."""
+                  feeds: Mapping[str, np.ndarray]) -> float:
+        """``candidate``'s latency as a share of ``baseline``'s, timed interleaved round by round."""
 
 
 class TimingLike(Protocol):
     median_ms: float
     spread_ms: float
-
-
-class PairLike(Protocol):
-    ratio: float  # candidate / baseline
 
 
 @dataclass(frozen=True)
@@ -288,7 +284,7 @@ class SubgraphEnv:
         try:
             if sequence and self._paired():
                 base_model, _ = self.runnable(self.model)
-                time_ms = self.evaluate(()).time_ms * self.measurer.time_pair(base_model, model, feeds).ratio
+                time_ms = self.evaluate(()).time_ms * self.measurer.time_pair(base_model, model, feeds)
             else:
                 timing = self.measurer.time(model, feeds)
                 time_ms = timing.median_ms
@@ -303,13 +299,9 @@ class SubgraphEnv:
 
     def _paired(self) -> bool:
         """Whether a rewrite is timed against the original, interleaved (``measurer.time_pair``),
-        as its share of the original's time: it is whenever the original ran.
-
-        Timed alone, each at its own time, a candidate was compared with an original timed
-        once at the start, and drift between the two read as a gain or a loss: the same
-        bert_small leaf came out up to 1.6x apart from its first timing (rms in log 0.02-0.42
-        over 8 leaves). Paired round by round with itself, rms 0.005-0.024, at about twice the
-        time per measurement."""
+        as its share of the original's time: whenever the original ran. Timed alone at its own
+        time, a rewrite was compared with an original timed once at the start, and drift read
+        as gains (numbers: ``verify.paired_timing``)."""
         base = self.evaluate(())
         return base.valid and math.isfinite(base.time_ms) and base.time_ms > 0
 

@@ -224,18 +224,11 @@ def interleaved_rounds(models: Mapping[str, onnx.ModelProto | bytes | str], feed
     return samples
 
 
-class PairedTiming(NamedTuple):
-    """A candidate timed against its baseline, round by round in one process."""
-
-    ratio: float  # candidate / baseline: the median over rounds of the rounds' median ratio
-    baseline_ms: float  # each model's median over all its runs
-    candidate_ms: float
-
-
 def paired_timing(baseline: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes,
                   feeds: Mapping[str, np.ndarray], target: TargetConfig, rounds: int = PAIR_ROUNDS,
-                  max_seconds: float = 2.0) -> PairedTiming:
-    """``candidate`` against ``baseline``, interleaved (:func:`interleaved_rounds`).
+                  max_seconds: float = 2.0) -> float:
+    """``candidate``'s latency as a share of ``baseline``'s, interleaved (:func:`interleaved_rounds`):
+    the median over rounds of each round's ratio of medians.
 
     Each round's ratio compares runs a few ms apart, so drift between the two is cancelled
     and the median over rounds ignores a disturbed round. Timed alone at different times, the
@@ -245,9 +238,7 @@ def paired_timing(baseline: onnx.ModelProto | bytes, candidate: onnx.ModelProto 
                                    rounds=rounds, max_seconds=max_seconds)
     logs = [math.log(statistics.median(c) / statistics.median(b))
             for b, c in zip(per_round["baseline"], per_round["candidate"])]
-    flat = {name: [ms for one in values for ms in one] for name, values in per_round.items()}
-    return PairedTiming(math.exp(statistics.median(logs)), statistics.median(flat["baseline"]),
-                        statistics.median(flat["candidate"]))
+    return math.exp(statistics.median(logs))
 
 
 def side_by_side(original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
