@@ -52,6 +52,49 @@ def test_cancel_transposes_is_a_noop_without_a_partner():
     assert_noop("cancel_transposes", make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [3, 2])]))
 
 
+def _channels_last_blocks(blocks: int, op: str = "Add", batch="n") -> onnx.ModelProto:
+    """ConvNeXt-style blocks: a depthwise Conv on the channels-first stream, the branch
+    channels-last (Transpose, MatMul), Transposed back and added to the stream; a
+    channels-last LayerNorm-like tail reads the stream through one more Transpose."""
+    nodes, inits, stream = [], [], "x"
+    for k in range(blocks):
+        inits += [const(f"w{k}", rng_array([4, 1, 3, 3], seed=k)), const(f"m{k}", rng_array([4, 4], seed=10 + k))]
+        nodes += [helper.make_node("Conv", [stream, f"w{k}"], [f"c{k}"], group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("Transpose", [f"c{k}"], [f"t{k}"], perm=[0, 2, 3, 1]),
+                  helper.make_node("MatMul", [f"t{k}", f"m{k}"], [f"b{k}"]),
+                  helper.make_node("Transpose", [f"b{k}"], [f"u{k}"], perm=[0, 3, 1, 2]),
+                  helper.make_node(op, [stream, f"u{k}"], [f"s{k}"])]
+        stream = f"s{k}"
+    nodes += [helper.make_node("Transpose", [stream], ["tail"], perm=[0, 2, 3, 1]),
+              helper.make_node("Relu", ["tail"], ["y"])]
+    return make_model(nodes, [tensor("x", [batch, 4, 5, 6])], [tensor("y", [batch, 5, 6, 4])], inits)
+
+
+def test_transpose_residuals_keeps_the_stream_in_the_branch_layout():
+    model = _channels_last_blocks(3)
+    # 3 branch Transposes go; one twin of the stream comes in, and a Transpose back after
+    # every block but the last, whose inverse (the tail's Transpose) goes with it: 7 -> 6
+    result = assert_rewrites("transpose_residuals", model, random_feeds(model), {"Transpose": -1})
+    assert result.changes["rewrites"] == 3
+    adds = [n for n in result.model.graph.node if n.op_type == "Add"]
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    # every Add now reads the MatMul's channels-last output directly
+    assert all(any(producers[i].op_type == "MatMul" for i in n.input if i in producers) for n in adds)
+    # what the next Conv reads is a Transpose of the stream, which ORT folds into its reorder
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"][1:]
+    assert all(producers[c.input[0]].op_type == "Transpose" for c in convs)
+
+
+def test_transpose_residuals_keeps_operand_order():
+    model = _channels_last_blocks(2, op="Sub")
+    assert_rewrites("transpose_residuals", model, random_feeds(model))
+
+
+def test_transpose_residuals_leaves_a_single_step_alone():
+    # one residual op alone would trade its branch's Transpose for two
+    assert_noop("transpose_residuals", _channels_last_blocks(1))
+
+
 class NhwcFusedConv(OpRun):
     """Reference semantics of ORT's contrib NhwcFusedConv (channels-last X and Y, OIHW W)."""
 

@@ -47,7 +47,7 @@ def _library() -> tuple[Pass, ...]:
         # pruning
         prune.PruneZeroChannelsPass(), prune.PruneMagnitudePass(),
         # data layout, tiling, buffers, prefetching
-        layout.CancelTransposesPass(), layout.NhwcPass(), tiling.TileOperatorPass(),
+        layout.TransposeResidualsPass(), layout.CancelTransposesPass(), layout.NhwcPass(), tiling.TileOperatorPass(),
         *buffers.BUFFER_PASSES, prefetch.PrefetchWeightsPass(),
         # hybrid
         precision.MixedPrecisionPass(), training.GradientAccumulationPass(),
