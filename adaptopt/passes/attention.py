@@ -37,12 +37,11 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from adaptopt.passes.base import MS_DOMAIN, TWO_GIB, PassContext, default_opset, ort_tool
+from adaptopt.passes.base import MS_DOMAIN, PassContext, default_opset
 from adaptopt.passes.edit import GraphEditor, RulePass, attr, is_op, split_const
 from adaptopt.passes.prune import remove_dead_nodes
-from adaptopt.passes.transformer import TOOL_ERRORS
+from adaptopt.passes.symbolic import Dims, SymbolicShapes
 
-FLOAT = onnx.TensorProto.FLOAT
 _PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -116,7 +115,7 @@ class FuseScaledDotProductAttentionPass(RulePass):
         if default_opset(ed.model) < 13:
             return 0
         softmaxes = [n for n in ed.nodes if is_op(n, "Softmax")]
-        shape = _Shapes(ed) if softmaxes else None
+        shape = SymbolicShapes(ed) if softmaxes else None
         count = 0
         for softmax in softmaxes:
             match = _match(ed, shape, softmax) if ed.alive(softmax) else None
@@ -126,72 +125,6 @@ class FuseScaledDotProductAttentionPass(RulePass):
         if count:
             remove_dead_nodes(ed)
         return count
-
-
-Dims = tuple  # of int (static) or str (a symbolic dim: equal names are equal sizes)
-
-
-class _Shapes:
-    """Tensor shapes for the matcher, symbolic dims included: heads and head sizes must be
-    static, batch and sequence lengths may be names. They come from ONNX Runtime's
-    symbolic shape inference (ONNX's own loses the batch and head dims exporters compute
-    with Shape/Gather/Concat) on a copy, else from the graph's value infos."""
-
-    def __init__(self, ed: GraphEditor):
-        self.ed = ed
-        self.table: dict[str, Dims] = {}
-        self.types: dict[str, int] = {}
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        if ed.model.ByteSize() >= TWO_GIB:
-            return
-        try:
-            with ort_tool():
-                inferred = SymbolicShapeInference.infer_shapes(ed.model, auto_merge=True)
-        except (*TOOL_ERRORS, Exception):  # noqa: BLE001 - see below
-            # the value infos alone; shapes they lack simply do not match. Besides the usual
-            # tool errors, SymbolicShapeInference raises a bare Exception ("Incomplete symbolic
-            # shape inference") on ops it has no rule for: FusedGemm / FusedConv, which our own
-            # fuse_conv_activation emits before this pass runs
-            return
-        if inferred is not None:
-            for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-                dims = _dims_of(vi)
-                if dims is not None:
-                    self.table[vi.name] = dims
-                if vi.type.tensor_type.elem_type:
-                    self.types[vi.name] = vi.type.tensor_type.elem_type
-
-    def __call__(self, name: str) -> Dims | None:
-        if name in self.table:
-            return self.table[name]
-        value = self.ed.const(name)
-        if value is not None:
-            return tuple(value.shape)
-        vi = self.ed.value_info.get(name)
-        return _dims_of(vi) if vi is not None else None
-
-    def dtype(self, name: str) -> int | None:
-        value = self.ed.const(name)
-        if value is not None:
-            return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-        return self.types.get(name) or self.ed.elem_type(name)
-
-    def is_float(self, name: str) -> bool:
-        return self.dtype(name) == FLOAT
-
-
-def _dims_of(vi: onnx.ValueInfoProto) -> Dims | None:
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-        return None
-    dims = []
-    for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        elif d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            return None
-    return tuple(dims)
 
 
 # ---------------------------------------------------------------- matching
@@ -215,7 +148,7 @@ def _strip_scale(ed: GraphEditor, name: str) -> tuple[str, float]:
         name, factor = step[0], factor * step[1]
 
 
-def _split_source(ed: GraphEditor, shape: _Shapes, split: str, heads: int, head_size: int) -> _Operand | None:
+def _split_source(ed: GraphEditor, shape: SymbolicShapes, split: str, heads: int, head_size: int) -> _Operand | None:
     """The [B,S,H*D] tensor that [B,S,H,D] ``split`` is a Reshape of."""
     node = ed.producer(split)
     if not is_op(node, "Reshape"):
@@ -227,7 +160,7 @@ def _split_source(ed: GraphEditor, shape: _Shapes, split: str, heads: int, head_
     return _Operand(source, "bsh", factor)
 
 
-def _heads_operand(ed: GraphEditor, shape: _Shapes, bhsd: str, heads: int, head_size: int) -> _Operand:
+def _heads_operand(ed: GraphEditor, shape: SymbolicShapes, bhsd: str, heads: int, head_size: int) -> _Operand:
     """A [B,H,S,D] tensor as the cheapest operand: its [B,S,H*D] source when it is one's
     head split (Reshape + Transpose 0213), else itself."""
     node = ed.producer(bhsd)
@@ -239,7 +172,7 @@ def _heads_operand(ed: GraphEditor, shape: _Shapes, bhsd: str, heads: int, head_
     return _Operand(bhsd, "bhsd")
 
 
-def _key_operand(ed: GraphEditor, shape: _Shapes, kt: str, heads: int, head_size: int) -> tuple[_Operand, _Operand]:
+def _key_operand(ed: GraphEditor, shape: SymbolicShapes, kt: str, heads: int, head_size: int) -> tuple[_Operand, _Operand]:
     """The key as ([B,T,H*D] or best available, [B,H,T,D]-compatible) operands."""
     node = ed.producer(kt)
     if _perm(node) == (0, 1, 3, 2):
@@ -353,7 +286,7 @@ def _data_reader(ed: GraphEditor, name: str) -> onnx.NodeProto | None:
     return readers[0] if len(readers) == 1 else None
 
 
-def _merged_heads(ed: GraphEditor, shape: _Shapes, out4: str, b: int, s: int, h: int, dv: int) -> str | None:
+def _merged_heads(ed: GraphEditor, shape: SymbolicShapes, out4: str, b: int, s: int, h: int, dv: int) -> str | None:
     """The [B,S,H*Dv] tensor when ``out4`` only feeds [no-op Reshape] -> Transpose 0213 -> Reshape."""
     node = _data_reader(ed, out4)
     if is_op(node, "Reshape") and shape(node.output[0]) == (b, h, s, dv):
@@ -366,7 +299,7 @@ def _merged_heads(ed: GraphEditor, shape: _Shapes, out4: str, b: int, s: int, h:
     return node.output[0]
 
 
-def _match(ed: GraphEditor, shape: _Shapes, softmax: onnx.NodeProto) -> _Match | None:
+def _match(ed: GraphEditor, shape: SymbolicShapes, softmax: onnx.NodeProto) -> _Match | None:
     scores = shape(softmax.input[0])
     if scores is None or len(scores) != 4 or not shape.is_float(softmax.input[0]):
         return None
