@@ -13,6 +13,7 @@ from tests.test_passes_support import (
     const,
     feeds_for,
     make_model,
+    outputs,
     prepared,
     random_feeds,
     rng_array,
@@ -118,3 +119,51 @@ def test_simplify_chains_keeps_lossy_cast_pairs():
     model = make_model(nodes, [tensor("x", [4])], [tensor("y", [4])])
     assert_noop("simplify_chains", model)
     assert onnx.checker.check_model(model) is None
+
+
+def _head_split_model() -> onnx.ModelProto:
+    """x [batch, seq, 8] -> MatMul -> Reshape to [batch, seq, 2, 4] with the target built as
+    exporters build it, from Shape/Gather of the MatMul's output; Relu; the same again
+    from the Relu's output (the batch and seq dims read from two other tensors), and the
+    head count (dim 2, static) read back from the reshaped tensor."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    for k, src in enumerate(["h", "r0"]):
+        nodes += [helper.make_node("Shape", [src], [f"s{k}"]),
+                  helper.make_node("Gather", [f"s{k}", "i0"], [f"b{k}"]),
+                  helper.make_node("Gather", [f"s{k}", "i1"], [f"q{k}"]),
+                  helper.make_node("Unsqueeze", [f"b{k}", "ax"], [f"ub{k}"]),
+                  helper.make_node("Unsqueeze", [f"q{k}", "ax"], [f"uq{k}"]),
+                  helper.make_node("Concat", [f"ub{k}", f"uq{k}", "heads"], [f"t{k}"], axis=0),
+                  helper.make_node("Reshape", [src if k == 0 else "h", f"t{k}"], [f"v{k}"]),
+                  helper.make_node("Relu", [f"v{k}"], [f"r{k}"] if k == 0 else ["y0"])]
+    nodes += [helper.make_node("Shape", ["r0"], ["s2"]), helper.make_node("Gather", ["s2", "i2"], ["g"]),
+              helper.make_node("Cast", ["g"], ["gf"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", ["y0", "gf"], ["y"])]
+    # r0 is [batch, seq, 2, 4]: reshaping "h" with r0's batch and seq reads them from a 4-D tensor
+    inits = [const("w", rng_array([8, 8])), const("i0", np.array(0, np.int64)), const("i1", np.array(1, np.int64)),
+             const("i2", np.array(2, np.int64)), const("ax", np.array([0], np.int64)),
+             const("heads", np.array([2, 4], np.int64))]
+    return make_model(nodes, [tensor("x", ["batch", "seq", 8])], [tensor("y", ["batch", "seq", 2, 4])], inits)
+
+
+def test_share_input_dims_reads_dynamic_dims_from_the_input_once():
+    model = _head_split_model()
+    feeds = random_feeds(model)
+    result = assert_rewrites("share_input_dims", model, feeds)
+    ops = [n.op_type for n in result.model.graph.node]
+    # one Shape (of x), one Gather per dim, one Concat for the two equal reshape targets;
+    # the static head count became a constant
+    assert ops.count("Shape") == 1 and ops.count("Gather") == 2 and ops.count("Concat") == 1, ops
+    shape = next(n for n in result.model.graph.node if n.op_type == "Shape")
+    assert shape.input[0] == "x"
+    # the same outputs at another batch and sequence length
+    other = {"x": rng_array([3, 5, 8], seed=4)}
+    np.testing.assert_array_equal(outputs(model, other)["y"], outputs(result.model, other)["y"])
+
+
+def test_share_input_dims_leaves_dims_the_inputs_do_not_carry():
+    # NonZero's count is a dim no input has: its Gather(Shape) stays
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Shape", ["nz"], ["s"]),
+             helper.make_node("Gather", ["s", "i"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["n"])], [tensor("y", [])], [const("i", np.array(1, np.int64))])
+    assert_noop("share_input_dims", model)

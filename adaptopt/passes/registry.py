@@ -17,6 +17,7 @@ def _library() -> tuple[Pass, ...]:
         attention,
         buffers,
         cleanup,
+        dims,
         fusion,
         layout,
         loops,
@@ -31,7 +32,8 @@ def _library() -> tuple[Pass, ...]:
     )
     passes = (
         # cleanups
-        cleanup.FoldConstantsPass(), cleanup.EliminateIdentityPass(), cleanup.CommonSubexpressionPass(),
+        cleanup.FoldConstantsPass(), cleanup.EliminateIdentityPass(), dims.ShareInputDimsPass(),
+        cleanup.CommonSubexpressionPass(),
         layout.SimplifyChainsPass(), prune.EliminateDeadCodePass(),
         # kernel fusion: elementwise patterns first (folding an affine into a Conv can take
         # the "/ 6" a hard-swish match needs), then the folds into Conv / Gemm
