@@ -167,3 +167,12 @@ def test_share_input_dims_leaves_dims_the_inputs_do_not_carry():
              helper.make_node("Gather", ["s", "i"], ["y"])]
     model = make_model(nodes, [tensor("x", ["n"])], [tensor("y", [])], [const("i", np.array(1, np.int64))])
     assert_noop("share_input_dims", model)
+
+
+def test_share_input_dims_assumes_no_broadcast_equal():
+    # n and m broadcast together: either may be 1, so Add's dim is neither input's
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Shape", ["s"], ["sh"]),
+             helper.make_node("Gather", ["sh", "i"], ["y"])]
+    model = make_model(nodes, [tensor("a", ["n"]), tensor("b", ["m"])], [tensor("y", [])],
+                       [const("i", np.array(0, np.int64))])
+    assert_noop("share_input_dims", model)

@@ -38,7 +38,7 @@ class ShareInputDimsPass(RulePass):
         gathers = [n for n in ed.nodes if is_op(n, "Gather") and is_op(ed.producer(n.input[0]), "Shape")]
         if not gathers:
             return 0
-        shapes = SymbolicShapes(ed)
+        shapes = SymbolicShapes(ed, auto_merge=False)  # only dims the graph makes equal, none assumed
         sources = _symbol_sources(ed, shapes)
         shared: dict[str, str] = {}  # graph input -> the output of its one Shape
         count = 0

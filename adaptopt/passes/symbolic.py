@@ -15,9 +15,13 @@ class SymbolicShapes:
     """Tensor shapes for the matcher, symbolic dims included: heads and head sizes must be
     static, batch and sequence lengths may be names. They come from ONNX Runtime's
     symbolic shape inference (ONNX's own loses the batch and head dims exporters compute
-    with Shape/Gather/Concat) on a copy, else from the graph's value infos."""
+    with Shape/Gather/Concat) on a copy, else from the graph's value infos.
 
-    def __init__(self, ed: GraphEditor):
+    ``auto_merge``: where a broadcast needs two symbolic dims to be equal, the inference
+    makes them one (a dim that is 1 at run time would be merged wrongly); without it such
+    a graph gets no inferred shapes."""
+
+    def __init__(self, ed: GraphEditor, auto_merge: bool = True):
         self.ed = ed
         self.table: dict[str, Dims] = {}
         self.types: dict[str, int] = {}
@@ -26,7 +30,7 @@ class SymbolicShapes:
             return
         try:
             with ort_tool():
-                inferred = SymbolicShapeInference.infer_shapes(ed.model, auto_merge=True)
+                inferred = SymbolicShapeInference.infer_shapes(ed.model, auto_merge=auto_merge)
         except (*TOOL_ERRORS, Exception):  # noqa: BLE001 - see below
             # the value infos alone; shapes they lack simply do not match. Besides the usual
             # tool errors, SymbolicShapeInference raises a bare Exception ("Incomplete symbolic
